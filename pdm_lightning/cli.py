@@ -1,0 +1,72 @@
+"""The LightningCLI entry point: ``python train.py fit --config configs/quickstart.yaml``."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from pdm_lightning.callbacks.export import ExportPipeline
+from pdm_lightning.data.datamodule import DreamBoothDataModule
+from pdm_lightning.data.images import InputDataError
+from pdm_lightning.model.module import DreamBoothModule
+
+# The run directory is the logger's folder (name and version empty), so checkpoints/, the
+# TensorBoard events and export/ sit at one stable path and `--ckpt_path last` finds last.ckpt there.
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs/pdm_lightning", "name": "", "version": ""},
+    },
+    "log_every_n_steps": 1,
+    "max_steps": 700,
+}
+
+# The frozen VAE (and text encoder) stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+class PDMLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The base model is named once; the data module needs it for the tokenizer and class images.
+        for key in ("pretrained_model_name_or_path", "revision", "variant"):
+            parser.link_arguments(f"model.{key}", f"data.{key}")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "{step:06d}",
+                "checkpoint.every_n_train_steps": 100,
+                "checkpoint.save_last": True,
+                # Keep the most recent N step checkpoints ("step" is always a monitor candidate).
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
+                "checkpoint.save_top_k": 3,
+            }
+        )
+        parser.add_lightning_class_args(ExportPipeline, "export")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> PDMLightningCLI:
+    return PDMLightningCLI(
+        DreamBoothModule,
+        DreamBoothDataModule,
+        seed_everything_default=0,
+        trainer_defaults=TRAINER_DEFAULTS,
+        # Re-running the same command to resume rewrites config.yaml instead of refusing to start.
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main() -> None:
+    """``train.py``: the CLI, with input problems reported as one clear line instead of a traceback."""
+    try:
+        cli_main()
+    except InputDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

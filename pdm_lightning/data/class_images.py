@@ -1,0 +1,193 @@
+"""Topping up the class-image folder for prior preservation.
+
+Images already in the folder count towards ``num_class_images``; only the missing ones are
+generated. Each new image is seeded by its slot number, written under a temporary name, then
+renamed to a content-hash name, and recorded in a manifest, so an interrupted generation resumes
+where it stopped and a later run can tell which settings produced the folder's images. Nothing
+already in the folder is ever modified or deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pdm_lightning.atomic import remove_stale_partials, write_bytes_atomically
+from pdm_lightning.data.images import list_image_files
+from pdm_lightning.data.sampler import derive_seed
+
+MANIFEST_NAME = "pdm_lightning_class_images.json"
+# Settings that change what an image looks like; a mismatch on any of them is reported.
+_COMPARED_SETTINGS = ("prompt", "base_model", "revision", "sampler", "num_inference_steps", "guidance_scale", "resolution")
+
+
+@dataclass
+class ClassImageGeneration:
+    """How missing class images are generated (with the pretrained pipeline, before training).
+
+    Args:
+        sample_batch_size: images generated per pipeline call.
+        num_inference_steps: sampler steps per image.
+        guidance_scale: classifier-free guidance scale.
+        precision: pipeline dtype; ``auto`` is fp16 on CUDA and fp32 on CPU.
+        seed: base seed; image slot ``k`` uses a seed derived from (seed, k).
+        negative_prompt: optional negative prompt.
+    """
+
+    sample_batch_size: int = 4
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    seed: int = 0
+    negative_prompt: str | None = None
+
+
+def resolve_generation_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def read_manifest(class_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per-file generation records of a class folder ({} when it has none)."""
+    path = class_dir / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["images"])
+    except (ValueError, KeyError, TypeError) as error:
+        warnings.warn(f"Ignoring unreadable class-image manifest {path}: {error}", stacklevel=2)
+        return {}
+
+
+def _write_manifest(class_dir: Path, records: dict[str, dict[str, Any]]) -> None:
+    data = json.dumps({"format": 1, "images": records}, indent=1, sort_keys=True).encode()
+    write_bytes_atomically(class_dir / MANIFEST_NAME, data)
+
+
+def save_png_by_content(image: Image.Image, class_dir: Path) -> str:
+    """Writes ``image`` as ``<content hash>.png`` atomically; returns the file name."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    name = f"{hashlib.sha256(data).hexdigest()[:20]}.png"
+    write_bytes_atomically(class_dir / name, data)
+    return name
+
+
+def report_setting_mismatches(records: dict[str, dict[str, Any]], wanted: dict[str, Any], class_dir: Path) -> None:
+    """Warns when recorded images were made with other settings (they are kept and used)."""
+    differing: dict[str, set[str]] = {}
+    for record in records.values():
+        for key in _COMPARED_SETTINGS:
+            if key in record and record[key] != wanted[key]:
+                differing.setdefault(key, set()).add(repr(record[key]))
+    if differing:
+        details = "; ".join(f"{key}: {', '.join(sorted(values))} (now {wanted[key]!r})" for key, values in differing.items())
+        warnings.warn(
+            f"Class images in {class_dir} were generated with other settings ({details}). They are kept and "
+            "used for prior preservation. To regenerate, point class_data_dir at a new folder.",
+            stacklevel=2,
+        )
+
+
+def generate_class_images(
+    class_dir: str | os.PathLike,
+    class_prompt: str,
+    num_class_images: int,
+    load_pipeline: Callable[[], Any],
+    settings: ClassImageGeneration,
+    resolution: int,
+    base_model: str,
+    revision: str | None = None,
+) -> int:
+    """Generates images until ``class_dir`` holds ``num_class_images``; returns how many were made.
+
+    ``load_pipeline`` is only called when something is missing, so a full folder costs no model load.
+    """
+    class_dir = Path(class_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(class_dir)
+
+    def count_images() -> int:
+        return len(list_image_files(class_dir, role="class_data_dir", ignore=(MANIFEST_NAME,)))
+
+    records = {name: rec for name, rec in read_manifest(class_dir).items() if (class_dir / name).is_file()}
+    wanted = {
+        "prompt": class_prompt,
+        "base_model": base_model,
+        "revision": revision,
+        "num_inference_steps": settings.num_inference_steps,
+        "guidance_scale": settings.guidance_scale,
+        "resolution": resolution,
+    }
+    missing = num_class_images - count_images()
+    pipeline = load_pipeline() if missing > 0 else None
+    recorded_samplers = [r["sampler"] for r in records.values() if "sampler" in r]
+    wanted["sampler"] = type(pipeline.scheduler).__name__ if pipeline else next(iter(recorded_samplers), None)
+    report_setting_mismatches(records, wanted, class_dir)
+    if missing <= 0:
+        return 0
+
+    made = 0
+    used_slots = {int(rec["slot"]) for rec in records.values() if "slot" in rec}
+    progress = tqdm(total=missing, desc=f"Generating class images ({class_prompt!r})", unit="img")
+    # Recounting after every batch makes an interrupted run's unrecorded image (written, manifest not
+    # yet updated) count once: regenerating its slot reproduces the same file name.
+    while missing > 0:
+        batch_slots = _free_slots(used_slots, min(missing, settings.sample_batch_size))
+        images = _generate_batch(pipeline, class_prompt, batch_slots, settings, resolution, pipeline.device)
+        for slot, image in zip(batch_slots, images):
+            name = save_png_by_content(image, class_dir)
+            records[name] = {**wanted, "slot": slot, "seed": derive_seed(settings.seed, slot)}
+        used_slots.update(batch_slots)
+        _write_manifest(class_dir, records)
+        made += len(batch_slots)
+        progress.update(len(batch_slots))
+        missing = num_class_images - count_images()
+    progress.close()
+    return made
+
+
+def _free_slots(used: set[int], count: int) -> list[int]:
+    """The ``count`` smallest slot numbers not in ``used``."""
+    slots: list[int] = []
+    candidate = 0
+    while len(slots) < count:
+        if candidate not in used:
+            slots.append(candidate)
+        candidate += 1
+    return slots
+
+
+@torch.no_grad()
+def _generate_batch(
+    pipeline: Any,
+    prompt: str,
+    slots: Sequence[int],
+    settings: ClassImageGeneration,
+    resolution: int,
+    device: torch.device,
+) -> list[Image.Image]:
+    generators = [torch.Generator(device=device).manual_seed(derive_seed(settings.seed, slot)) for slot in slots]
+    output = pipeline(
+        prompt=[prompt] * len(slots),
+        negative_prompt=[settings.negative_prompt] * len(slots) if settings.negative_prompt else None,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        height=resolution,
+        width=resolution,
+        generator=generators,
+    )
+    return list(output.images)

@@ -1,0 +1,75 @@
+"""Optimizer and learning-rate schedule construction."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers.optimization import get_scheduler
+
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings (the anchors' defaults: betas 0.9/0.999, weight decay 1e-2, eps 1e-8).
+
+    Args:
+        name: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, saves optimizer memory on GPU).
+        adam_beta1: first-moment decay.
+        adam_beta2: second-moment decay.
+        adam_weight_decay: decoupled weight decay.
+        adam_epsilon: denominator epsilon.
+        lr_scheduler: one of constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.
+        lr_warmup_steps: linear warm-up steps (optimizer steps).
+        lr_num_cycles: hard restarts for cosine_with_restarts.
+        lr_power: power of the polynomial schedule.
+    """
+
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+
+
+def build_optimizer(
+    parameters: Iterable[torch.nn.Parameter], learning_rate: float, config: OptimizerConfig
+) -> torch.optim.Optimizer:
+    kwargs = dict(
+        lr=learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    if config.name == "adamw8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(
+                "optimizer name 'adamw8bit' needs bitsandbytes: `pip install -e .[bnb]` (CUDA only), "
+                "or use --model.optimizer.name adamw."
+            )
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, **kwargs)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimizerConfig, num_training_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=num_training_steps,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
+    )
