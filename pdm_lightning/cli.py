@@ -50,7 +50,14 @@ class PDMLightningCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
 
+def with_commented_print_config(args: list[str]) -> list[str]:
+    """A bare ``--print_config`` prints each option's help above it (jsonargparse's ``comments`` flag)."""
+    return ["--print_config=comments" if arg == "--print_config" else arg for arg in args]
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> PDMLightningCLI:
+    if args is not None:  # None: LightningCLI reads sys.argv (rewritten by main)
+        args = with_commented_print_config(list(args))
     return PDMLightningCLI(
         DreamBoothModule,
         DreamBoothDataModule,
@@ -65,6 +72,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PDMLightningCLI
 
 def main() -> None:
     """``train.py``: the CLI, with input problems reported as one clear line instead of a traceback."""
+    sys.argv[1:] = with_commented_print_config(sys.argv[1:])
     try:
         cli_main()
     except InputDataError as error:

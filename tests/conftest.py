@@ -41,3 +41,28 @@ def instance_dir(tmp_path: Path) -> Path:
 def folder_snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes, to show a folder was left untouched."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+def quickstart_args(run_dir: Path, model_dir: Path, instance_dir: Path, *overrides: str) -> list[str]:
+    """The quickstart config pointed at test folders, short and without prior preservation unless overridden."""
+    return [
+        "--config", str(QUICKSTART_CONFIG),
+        "--model.pretrained_model_name_or_path", str(model_dir),
+        "--data.instance_data_dir", str(instance_dir),
+        "--data.with_prior_preservation", "false",
+        "--data.class_data_dir", str(run_dir.parent / "class_images"),
+        "--trainer.logger.init_args.save_dir", str(run_dir),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        *overrides,
+    ]
+
+
+def build_cli(run_dir: Path, model_dir: Path, instance_dir: Path, *overrides: str):
+    """The LightningCLI as train.py builds it, without running a subcommand (model, data, trainer ready)."""
+    from pdm_lightning.cli import cli_main
+
+    return cli_main(quickstart_args(run_dir, model_dir, instance_dir, *overrides), run=False)

@@ -1,0 +1,133 @@
+"""Class-image top-up: counts what is there, generates only what is missing, resumes after a crash."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import folder_snapshot
+from pdm_lightning.data.class_images import (
+    MANIFEST_NAME,
+    ClassImageGeneration,
+    generate_class_images,
+)
+from pdm_lightning.model.loading import load_pipeline
+
+SETTINGS = ClassImageGeneration(sample_batch_size=2, num_inference_steps=2, seed=7)
+
+
+class CountingLoader:
+    """Loads the tiny pipeline on demand; counts loads and generated images; can crash after N batches."""
+
+    def __init__(self, model_dir: Path, crash_after_batches: int | None = None) -> None:
+        self.model_dir = model_dir
+        self.crash_after_batches = crash_after_batches
+        self.loads = 0
+        self.batches = 0
+
+    def __call__(self):
+        self.loads += 1
+        pipeline = load_pipeline(str(self.model_dir))
+        pipeline.set_progress_bar_config(disable=True)
+        original_call = pipeline.__class__.__call__
+        loader = self
+
+        class Wrapped(pipeline.__class__):
+            def __call__(self, *args, **kwargs):
+                if loader.crash_after_batches is not None and loader.batches >= loader.crash_after_batches:
+                    raise KeyboardInterrupt("simulated interruption")
+                loader.batches += 1
+                return original_call(self, *args, **kwargs)
+
+        pipeline.__class__ = Wrapped
+        return pipeline
+
+
+def generate(class_dir: Path, number: int, loader: CountingLoader, settings: ClassImageGeneration = SETTINGS) -> int:
+    return generate_class_images(
+        class_dir, "a photo of dog", number, loader, settings, resolution=64, base_model="tiny", revision=None
+    )
+
+
+def pngs(class_dir: Path) -> list[str]:
+    return sorted(p.name for p in class_dir.glob("*.png"))
+
+
+def test_top_up_keeps_existing_images_and_generates_only_the_missing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(class_dir / "mine.jpg")
+    mine = (class_dir / "mine.jpg").read_bytes()
+
+    loader = CountingLoader(tiny_model_dir)
+    assert generate(class_dir, 3, loader) == 2
+    assert len(list(class_dir.glob("*.png"))) == 2 and (class_dir / "mine.jpg").read_bytes() == mine
+
+    assert generate(class_dir, 5, loader) == 2
+    assert len(list(class_dir.glob("*.png"))) == 4
+    records = json.loads((class_dir / MANIFEST_NAME).read_text())["images"]
+    assert sorted(r["slot"] for r in records.values()) == [0, 1, 2, 3]
+    assert all(r["prompt"] == "a photo of dog" and r["num_inference_steps"] == 2 for r in records.values())
+    assert len({r["seed"] for r in records.values()}) == 4
+    assert "mine.jpg" not in records
+
+    loads = loader.loads
+    before = folder_snapshot(class_dir)
+    assert generate(class_dir, 5, loader) == 0  # full: nothing generated, no model loaded
+    assert loader.loads == loads and folder_snapshot(class_dir) == before
+
+
+def test_interrupted_generation_resumes_to_the_same_images(tmp_path: Path, tiny_model_dir: Path) -> None:
+    straight = tmp_path / "straight"
+    generate(straight, 6, CountingLoader(tiny_model_dir))
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        generate(interrupted, 6, CountingLoader(tiny_model_dir, crash_after_batches=2))
+    assert len(pngs(interrupted)) == 4
+    assert not list(interrupted.glob(".pdm_lightning-*"))  # no half-written file counted as an image
+
+    resumed = CountingLoader(tiny_model_dir)
+    assert generate(interrupted, 6, resumed) == 2
+    assert resumed.batches == 1
+    # Seeds follow the slot, so the resumed folder holds exactly the images of the straight run.
+    assert pngs(interrupted) == pngs(straight)
+
+
+def test_unrecorded_image_from_a_crash_is_not_double_counted(tmp_path: Path, tiny_model_dir: Path) -> None:
+    class_dir = tmp_path / "class"
+    generate(class_dir, 4, CountingLoader(tiny_model_dir))
+    # A crash between writing an image and updating the manifest leaves an image without a record.
+    manifest = json.loads((class_dir / MANIFEST_NAME).read_text())
+    dropped = max(manifest["images"], key=lambda name: manifest["images"][name]["slot"])
+    del manifest["images"][dropped]
+    (class_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    generate(class_dir, 6, CountingLoader(tiny_model_dir))
+    assert len(pngs(class_dir)) == 6
+
+
+def test_stale_partial_files_are_removed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    (class_dir / ".pdm_lightning-abc.png.partial").write_bytes(b"half")
+    generate(class_dir, 1, CountingLoader(tiny_model_dir))
+    assert not (class_dir / ".pdm_lightning-abc.png.partial").exists()
+    assert len(pngs(class_dir)) == 1
+
+
+def test_other_settings_are_reported_not_deleted(tmp_path: Path, tiny_model_dir: Path) -> None:
+    class_dir = tmp_path / "class"
+    generate(class_dir, 2, CountingLoader(tiny_model_dir))
+    before = folder_snapshot(class_dir)
+    other = ClassImageGeneration(sample_batch_size=2, num_inference_steps=9, seed=7)
+    with pytest.warns(UserWarning, match="num_inference_steps"):
+        generate(class_dir, 2, CountingLoader(tiny_model_dir), other)
+    assert folder_snapshot(class_dir) == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(class_dir, 2, CountingLoader(tiny_model_dir))  # same settings: silent
