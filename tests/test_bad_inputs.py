@@ -113,6 +113,24 @@ def test_prepare_data_rejects_unreadable_user_class_image(instance_dir, tmp_path
     assert folder_snapshot(instance_dir) == instance_before
 
 
+def test_prepare_data_rejects_class_data_dir_that_is_a_file(instance_dir, tmp_path, tiny_model_dir):
+    """class_data_dir pointing at a file is an InputDataError naming it (like instance_data_dir)."""
+    not_a_folder = tmp_path / "class_images.txt"
+    not_a_folder.write_text("a list of files, not a folder")
+    datamodule = make_datamodule(
+        instance_dir,
+        tiny_model_dir,
+        with_prior_preservation=True,
+        class_data_dir=str(not_a_folder),
+        class_prompt="a photo of dog",
+        num_class_images=2,
+    )
+    with pytest.raises(InputDataError) as excinfo:
+        datamodule.prepare_data()
+    assert str(not_a_folder) in str(excinfo.value)
+    assert not_a_folder.read_text() == "a list of files, not a folder"
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_instance_prompt_is_refused_at_construction(instance_dir, tiny_model_dir, prompt):
     """An empty or blank instance prompt fails when the data module is built."""

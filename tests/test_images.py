@@ -463,3 +463,13 @@ def test_collate_without_prior_preservation_has_only_the_instance_chunk():
     assert batch["num_instance"] == 3
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
     assert torch.equal(batch["input_ids"], torch.stack([INSTANCE_IDS, INSTANCE_IDS + 1, INSTANCE_IDS + 2]))
+
+
+def test_dark_16_bit_image_stays_dark():
+    """An I;16 image is 16-bit whatever its brightest pixel: values 200 and 100 are near black, not 200 / 100."""
+    image = Image.new("I;16", (2, 1))
+    image.putpixel((0, 0), 200)
+    image.putpixel((1, 0), 100)
+    rgb = to_rgb(image)
+    assert rgb.getpixel((0, 0)) == (1, 1, 1)
+    assert rgb.getpixel((1, 0)) == (0, 0, 0)

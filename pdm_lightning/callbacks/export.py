@@ -57,9 +57,12 @@ class ExportPipeline(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.interrupted:
+        if trainer.interrupted:
             return
         if not isinstance(pl_module, DreamBoothModule):
             raise TypeError(f"ExportPipeline needs a DreamBoothModule, got {type(pl_module).__name__}.")
-        path = export_pipeline(pl_module, self.export_dir(trainer), _DTYPES[self.dtype])
-        rank_zero_info(f"Exported the fine-tuned pipeline to {path}")
+        destination = self.export_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+        if trainer.is_global_zero:
+            export_pipeline(pl_module, destination, _DTYPES[self.dtype])
+            rank_zero_info(f"Exported the fine-tuned pipeline to {destination}")
+        trainer.strategy.barrier("export_pipeline")  # no rank exits before the export is on disk

@@ -87,11 +87,12 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.hparams.instance_data_dir, role="instance_data_dir", resolution=self.hparams.resolution
         )
 
-    def _validate_class_images(self) -> list[Path]:
+    def _validate_class_images(self, allow_empty: bool = False) -> list[Path]:
         return validate_image_folder(
             self.hparams.class_data_dir,
             role="class_data_dir",
             resolution=self.hparams.resolution,
+            allow_empty=allow_empty,
             ignore=(MANIFEST_NAME,),
         )
 
@@ -100,13 +101,10 @@ class DreamBoothDataModule(L.LightningDataModule):
         self._validate_instance_images()
         if not self.hparams.with_prior_preservation:
             return
-        class_dir = Path(self.hparams.class_data_dir)
-        if class_dir.is_dir():
-            validate_image_folder(
-                class_dir, role="class_data_dir", resolution=self.hparams.resolution, allow_empty=True, ignore=(MANIFEST_NAME,)
-            )
+        if Path(self.hparams.class_data_dir).exists():  # a missing one is created for the generated images
+            self._validate_class_images(allow_empty=True)
         generate_class_images(
-            class_dir,
+            self.hparams.class_data_dir,
             class_prompt=self.hparams.class_prompt,
             num_class_images=self.hparams.num_class_images,
             load_pipeline=self._load_generation_pipeline,

@@ -71,9 +71,13 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
     # Pillow's convert("RGB") clips 16-bit and 32-bit greyscale to 255 (a white image); rescale instead.
     values = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if values.max(initial=0) > 255 else 255.0
-    if image.mode == "F":
-        top = max(float(values.max(initial=0)), 1e-12)
+    brightest = float(values.max(initial=0))
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "F":
+        top = max(brightest, 1e-12)
+    else:  # "I": 32-bit container, usually holding 8- or 16-bit data
+        top = 255.0 if brightest <= 255 else 65535.0 if brightest <= 65535 else brightest
     grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
 
