@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 import warnings
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from pdm_lightning.callbacks.checkpoint import StepCheckpoint
 from pdm_lightning.callbacks.export import ExportPipeline
 from pdm_lightning.data.datamodule import DreamBoothDataModule
 from pdm_lightning.data.images import InputDataError
@@ -33,7 +34,7 @@ class PDMLightningCLI(LightningCLI):
         # The base model is named once; the data module needs it for the tokenizer and class images.
         for key in ("pretrained_model_name_or_path", "revision", "variant"):
             parser.link_arguments(f"model.{key}", f"data.{key}")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.filename": "{step:06d}",

@@ -105,3 +105,13 @@ def test_bf16_mixed_keeps_frozen_parts_in_bf16_and_exports_float32(
     assert exported.dtype == torch.float32
     vae = AutoencoderKL.from_pretrained(tmp_path / "run" / "export" / "pipeline", subfolder="vae")
     assert not changed(vae, AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae"))  # full-precision VAE
+
+
+def test_last_checkpoint_holds_the_final_step_between_save_steps(
+    tmp_path: Path, tiny_model_dir: Path, instance_dir: Path
+) -> None:
+    cli = build_cli(tmp_path / "run", tiny_model_dir, instance_dir, "--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "2")
+    fit(cli)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 5

@@ -19,7 +19,7 @@ from pdm_lightning.data.class_images import (
 from pdm_lightning.data.dataset import DreamBoothDataset, collate_examples
 from pdm_lightning.data.images import InputDataError, validate_image_folder
 from pdm_lightning.data.sampler import ResumableDataLoader, ResumableSampler
-from pdm_lightning.model.loading import load_pipeline
+from pdm_lightning.model.loading import check_model_source, load_pipeline
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -99,6 +99,7 @@ class DreamBoothDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs once per node before any model is loaded: bad inputs stop the run here.
         self._validate_instance_images()
+        check_model_source(self.hparams.pretrained_model_name_or_path, self.hparams.revision)
         if not self.hparams.with_prior_preservation:
             return
         if Path(self.hparams.class_data_dir).exists():  # a missing one is created for the generated images

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import diffusers.utils.deprecation_utils
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import hf_hub_download
 from transformers import CLIPTextModel, CLIPTokenizer
+
+PIPELINE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype` in 2026 (the old name warns); the
 # helper that resolves the two names exists exactly in the releases that accept `dtype`.
@@ -65,3 +69,46 @@ def load_pipeline(
         **{_DTYPE_KEYWORD: dtype},
         **components,
     )
+
+
+def check_model_source(pretrained_model_name_or_path: str, revision: str | None = None) -> None:
+    """Fails early, with the fix, when the base model cannot be a Stable Diffusion pipeline.
+
+    A local folder must hold the diffusers layout; a hub id must resolve ``model_index.json`` (from
+    the cache when offline). Without this check a wrong path surfaces much later, and transformers
+    even builds an empty tokenizer from a missing folder without complaint.
+    """
+    from pdm_lightning.data.images import InputDataError
+
+    path = Path(pretrained_model_name_or_path).expanduser()
+    if path.is_file():
+        raise InputDataError(
+            f"pretrained_model_name_or_path {path} is a single file; a diffusers folder is needed. Convert it once: "
+            "`StableDiffusionPipeline.from_single_file(FILE).save_pretrained(FOLDER)`, then point at FOLDER."
+        )
+    if path.is_dir():
+        missing = [name for name in PIPELINE_SUBFOLDERS if not (path / name).is_dir()]
+        if missing:
+            raise InputDataError(
+                f"pretrained_model_name_or_path {path} lacks {', '.join(missing)}/: point it at a diffusers Stable "
+                f"Diffusion folder (model_index.json with {', '.join(PIPELINE_SUBFOLDERS)} subfolders)."
+            )
+        return
+    if _looks_like_local_path(pretrained_model_name_or_path):
+        raise InputDataError(
+            f"pretrained_model_name_or_path {pretrained_model_name_or_path} does not exist: fix the path, or give a "
+            "hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
+        )
+    try:
+        hf_hub_download(pretrained_model_name_or_path, "model_index.json", revision=revision)
+    except Exception as error:  # noqa: BLE001 - every hub failure gets the same advice
+        raise InputDataError(
+            f"pretrained_model_name_or_path {pretrained_model_name_or_path!r} is not a local folder and its "
+            f"model_index.json could not be fetched from the hub ({type(error).__name__}). Check the id and revision, "
+            "the network (or the hub cache when HF_HUB_OFFLINE=1), HF_TOKEN for gated models, or give a local folder."
+        ) from error
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else can only be meant as a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith((".safetensors", ".ckpt"))
