@@ -221,3 +221,12 @@ def test_cli_reports_bad_image_and_exits_2_without_training(instance_dir, tmp_pa
     # Prior preservation is off: the quickstart's class folder was not created or filled.
     assert not (tmp_path / "runs").exists()
     assert folder_snapshot(instance_dir) == before
+
+
+def test_prompt_longer_than_the_text_encoder_reads_is_reported(instance_dir, tiny_model_dir):
+    """A prompt past 77 tokens is truncated by CLIP; the user is told instead of silently losing its end."""
+    long_prompt = "a photo of sks dog " + "on the beach " * 30
+    datamodule = make_datamodule(instance_dir, tiny_model_dir, instance_prompt=long_prompt)
+    with pytest.warns(UserWarning, match="only the first 77"):
+        datamodule.setup("fit")
+    assert datamodule.train_dataset.instance_input_ids.shape == (77,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -132,6 +133,13 @@ class DreamBoothDataModule(L.LightningDataModule):
         return pipeline.to(device)
 
     def _tokenize(self, tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:
+        length = len(tokenizer(prompt).input_ids)
+        if length > tokenizer.model_max_length:
+            warnings.warn(
+                f"The prompt {prompt!r} has {length} tokens; the text encoder reads only the first "
+                f"{tokenizer.model_max_length}, so its end is ignored. Shorten it.",
+                stacklevel=2,
+            )
         return tokenizer(
             prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
         ).input_ids[0]
