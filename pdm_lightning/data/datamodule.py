@@ -18,7 +18,7 @@ from pdm_lightning.data.class_images import (
     resolve_generation_dtype,
 )
 from pdm_lightning.data.dataset import DreamBoothDataset, collate_examples
-from pdm_lightning.data.images import InputDataError, validate_image_folder
+from pdm_lightning.data.images import InputDataError, list_image_files, validate_image_folder
 from pdm_lightning.data.sampler import ResumableDataLoader, ResumableSampler
 from pdm_lightning.model.loading import check_model_source, load_pipeline
 
@@ -115,6 +115,8 @@ class DreamBoothDataModule(L.LightningDataModule):
             base_model=self.hparams.pretrained_model_name_or_path,
             revision=self.hparams.revision,
         )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the generation pipeline's cached blocks back before training
 
     def _generation_device(self) -> torch.device:
         if self.trainer is not None:
@@ -153,7 +155,11 @@ class DreamBoothDataModule(L.LightningDataModule):
         )
         class_images = class_input_ids = None
         if self.hparams.with_prior_preservation:
-            class_images = self._validate_class_images()[: self.hparams.num_class_images]
+            # prepare_data decoded and counted them already: listing is enough here (700 images at 512 px).
+            class_images = list_image_files(self.hparams.class_data_dir, "class_data_dir", ignore=(MANIFEST_NAME,))
+            if not class_images:
+                raise InputDataError(f"class_data_dir {self.hparams.class_data_dir} holds no images: prepare_data() generates them (the Trainer calls it first); call it before setup().")
+            class_images = class_images[: self.hparams.num_class_images]
             class_input_ids = self._tokenize(tokenizer, self.hparams.class_prompt)
         self.train_dataset = DreamBoothDataset(
             instance_images=instance_images,
