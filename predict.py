@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from pdm_lightning.generate import generate_images
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from pdm_lightning.model.loading import DTYPES
 
 
 def main(argv: list[str] | None = None) -> None:

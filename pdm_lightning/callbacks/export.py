@@ -11,11 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from pdm_lightning.atomic import staged_directory
-from pdm_lightning.model.loading import load_pipeline
+from pdm_lightning.model.loading import DTYPES, load_pipeline
 from pdm_lightning.model.module import DreamBoothModule
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def export_pipeline(module: DreamBoothModule, destination: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Writes base model + fine-tuned weights as a pipeline that ``from_pretrained`` loads.
@@ -63,6 +60,6 @@ class ExportPipeline(L.Callback):
             raise TypeError(f"ExportPipeline needs a DreamBoothModule, got {type(pl_module).__name__}.")
         destination = self.export_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            export_pipeline(pl_module, destination, _DTYPES[self.dtype])
+            export_pipeline(pl_module, destination, DTYPES[self.dtype])
             rank_zero_info(f"Exported the fine-tuned pipeline to {destination}")
         trainer.strategy.barrier("export_pipeline")  # no rank exits before the export is on disk

@@ -59,6 +59,11 @@ def resolve_generation_dtype(precision: str, device: torch.device) -> torch.dtyp
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def list_class_images(class_dir: str | os.PathLike) -> list[Path]:
+    """The images of a class folder in name order (the manifest is not one of them)."""
+    return list_image_files(class_dir, role="class_data_dir", ignore=(MANIFEST_NAME,))
+
+
 def read_manifest(class_dir: Path) -> dict[str, dict[str, Any]]:
     """Per-file generation records of a class folder ({} when it has none)."""
     path = class_dir / MANIFEST_NAME
@@ -120,9 +125,6 @@ def generate_class_images(
     class_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(class_dir)
 
-    def count_images() -> int:
-        return len(list_image_files(class_dir, role="class_data_dir", ignore=(MANIFEST_NAME,)))
-
     records = {name: rec for name, rec in read_manifest(class_dir).items() if (class_dir / name).is_file()}
     wanted = {
         "prompt": class_prompt,
@@ -132,7 +134,7 @@ def generate_class_images(
         "guidance_scale": settings.guidance_scale,
         "resolution": resolution,
     }
-    missing = num_class_images - count_images()
+    missing = num_class_images - len(list_class_images(class_dir))
     pipeline = load_pipeline() if missing > 0 else None
     recorded_samplers = [r["sampler"] for r in records.values() if "sampler" in r]
     wanted["sampler"] = type(pipeline.scheduler).__name__ if pipeline else next(iter(recorded_samplers), None)
@@ -155,7 +157,7 @@ def generate_class_images(
         _write_manifest(class_dir, records)
         made += len(batch_slots)
         progress.update(len(batch_slots))
-        missing = num_class_images - count_images()
+        missing = num_class_images - len(list_class_images(class_dir))
     progress.close()
     return made
 

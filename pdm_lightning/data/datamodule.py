@@ -15,10 +15,11 @@ from pdm_lightning.data.class_images import (
     MANIFEST_NAME,
     ClassImageGeneration,
     generate_class_images,
+    list_class_images,
     resolve_generation_dtype,
 )
 from pdm_lightning.data.dataset import DreamBoothDataset, collate_examples
-from pdm_lightning.data.images import InputDataError, list_image_files, validate_image_folder
+from pdm_lightning.data.images import InputDataError, validate_image_folder
 from pdm_lightning.data.sampler import ResumableDataLoader, ResumableSampler
 from pdm_lightning.model.loading import check_model_source, load_pipeline
 
@@ -88,15 +89,6 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.hparams.instance_data_dir, role="instance_data_dir", resolution=self.hparams.resolution
         )
 
-    def _validate_class_images(self, allow_empty: bool = False) -> list[Path]:
-        return validate_image_folder(
-            self.hparams.class_data_dir,
-            role="class_data_dir",
-            resolution=self.hparams.resolution,
-            allow_empty=allow_empty,
-            ignore=(MANIFEST_NAME,),
-        )
-
     def prepare_data(self) -> None:
         # Runs once per node before any model is loaded: bad inputs stop the run here.
         self._validate_instance_images()
@@ -104,7 +96,13 @@ class DreamBoothDataModule(L.LightningDataModule):
         if not self.hparams.with_prior_preservation:
             return
         if Path(self.hparams.class_data_dir).exists():  # a missing one is created for the generated images
-            self._validate_class_images(allow_empty=True)
+            validate_image_folder(
+                self.hparams.class_data_dir,
+                role="class_data_dir",
+                resolution=self.hparams.resolution,
+                allow_empty=True,
+                ignore=(MANIFEST_NAME,),
+            )
         generate_class_images(
             self.hparams.class_data_dir,
             class_prompt=self.hparams.class_prompt,
@@ -156,7 +154,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         class_images = class_input_ids = None
         if self.hparams.with_prior_preservation:
             # prepare_data decoded and counted them already: listing is enough here (700 images at 512 px).
-            class_images = list_image_files(self.hparams.class_data_dir, "class_data_dir", ignore=(MANIFEST_NAME,))
+            class_images = list_class_images(self.hparams.class_data_dir)
             if not class_images:
                 raise InputDataError(f"class_data_dir {self.hparams.class_data_dir} holds no images: prepare_data() generates them (the Trainer calls it first); call it before setup().")
             class_images = class_images[: self.hparams.num_class_images]

@@ -12,6 +12,8 @@ from huggingface_hub import hf_hub_download
 from transformers import CLIPTextModel, CLIPTokenizer
 
 PIPELINE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+# User-facing names of the dtypes weights can be saved or run in.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype` in 2026 (the old name warns); the
 # helper that resolves the two names exists exactly in the releases that accept `dtype`.
