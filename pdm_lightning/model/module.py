@@ -19,6 +19,7 @@ from pdm_lightning.losses.diffusion import (
     sample_noise,
 )
 from pdm_lightning.model.loading import load_components
+from pdm_lightning.model.lora import LoraSettings, add_lora_adapters
 from pdm_lightning.model.optim import OptimizerConfig, build_lr_scheduler, build_optimizer
 
 
@@ -52,6 +53,8 @@ class DreamBoothModule(L.LightningModule):
         attention_backend: ``sdpa`` (PyTorch scaled-dot-product attention) or ``xformers``.
         optimizer: optimizer and learning-rate schedule settings.
         noise_seed: seed of the per-step noise, timesteps and VAE sampling.
+        lora: train LoRA adapters (on the UNet, and on the text encoder with train_text_encoder)
+            instead of the full weights; None fine-tunes the full weights.
     """
 
     def __init__(
@@ -68,10 +71,12 @@ class DreamBoothModule(L.LightningModule):
         attention_backend: Literal["sdpa", "xformers"] = "sdpa",
         optimizer: OptimizerConfig | None = None,
         noise_seed: int = 0,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_config = optimizer or OptimizerConfig()
+        self.lora = lora
         self.tokenizer = self.text_encoder = self.vae = self.unet = self.noise_scheduler = None
         # Checkpoints carry only trainable weights; on_load_checkpoint checks none of those is missing.
         self.strict_loading = False
@@ -90,9 +95,17 @@ class DreamBoothModule(L.LightningModule):
         self.train(self.training)
         frozen_dtype = compute_dtype(self.trainer.precision if self._trainer else None)
         frozen = [self.vae] if self.hparams.train_text_encoder else [self.vae, self.text_encoder]
+        if self.lora is not None:  # under LoRA every base weight is frozen; adapters stay float32
+            frozen = [self.vae, self.text_encoder, self.unet]
         for part in frozen:
             if part.dtype != frozen_dtype:  # casting to the same dtype would only log a diffusers warning
                 part.to(dtype=frozen_dtype)
+        if self.lora is not None:
+            add_lora_adapters(self.unet, self.lora, self.lora.unet_target_modules)
+            if self.hparams.train_text_encoder:
+                add_lora_adapters(self.text_encoder, self.lora, self.lora.text_encoder_target_modules)
+            else:
+                self.text_encoder.requires_grad_(False)
 
         if self.hparams.attention_backend == "xformers":
             if importlib.util.find_spec("xformers") is None:
