@@ -1,42 +1,79 @@
-"""Generate images from an exported pipeline (``<run>/export/pipeline``).
+"""Generate images from a trained subject: an exported pipeline, a LoRA on its base model, or a checkpoint.
 
     python predict.py --pipeline runs/quickstart/export/pipeline --prompt "a photo of sks dog on the beach"
+    python predict.py --pretrained_model_name_or_path runs/tiny-sd --lora runs/lora/export/lora \\
+        --prompts_file prompts.txt --identifier sks --class_noun dog
+    python predict.py --checkpoint runs/quickstart/checkpoints/last.ckpt --prompt "a {identifier} {class_noun}" \\
+        --identifier sks --class_noun dog
+
+Writes --num_images PNGs per prompt (prompt, seed and sampler in their metadata) and a grid per prompt
+(in grids/) to --out. Image k of every prompt uses the seed derived from (--seed, k): the same seed
+gives the same images, whatever the batch size.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from pdm_lightning.generate import generate_images
+import torch
+
+from pdm_lightning.data.images import InputDataError
+from pdm_lightning.generate import GenerationSettings, collect_prompts, generate_images
+from pdm_lightning.model.inference import SCHEDULERS
 from pdm_lightning.model.loading import DTYPES
+from pdm_lightning.predict_sources import build_pipeline
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", required=True, help="exported pipeline folder (or any diffusers SD folder)")
-    parser.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
-    parser.add_argument("--out", default="outputs", help="folder for the PNGs")
+    source = parser.add_argument_group("model (exactly one of --pipeline, --lora, --checkpoint)")
+    source.add_argument("--pipeline", help="exported pipeline folder (<run>/export/pipeline) or a diffusers SD folder")
+    source.add_argument("--lora", help="LoRA folder or .safetensors file (diffusers or kohya), on the base model")
+    source.add_argument("--checkpoint", help="training checkpoint (<run>/checkpoints/*.ckpt)")
+    source.add_argument("--pretrained_model_name_or_path",
+                        help="base model: required with --lora; with --checkpoint it replaces the recorded one")
+    prompts = parser.add_argument_group("prompts ({identifier}/{0} and {class_noun}/{1} are filled in)")
+    prompts.add_argument("--prompt", action="append", default=[], help="prompt; repeat for several")
+    prompts.add_argument("--prompts_file", help="text file, one prompt per line (# comments and blank lines skipped)")
+    prompts.add_argument("--identifier", help="value of {identifier}, e.g. sks")
+    prompts.add_argument("--class_noun", help="value of {class_noun}, e.g. dog")
+    parser.add_argument("--out", default="outputs", help="folder for the PNGs (grids in OUT/grids)")
     parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=30, help="sampler steps")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpmsolver++", help="sampler")
+    parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--batch_size", type=int, default=4, help="images per sampling batch")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list:
+    args = build_parser().parse_args(argv)
+    try:
+        # Prompts and settings are checked before any weights are read.
+        prompts = collect_prompts(args.prompt, args.prompts_file, args.identifier, args.class_noun)
+        settings = GenerationSettings(
+            args.steps, args.guidance_scale, args.negative_prompt, args.scheduler, args.height, args.width
+        )
+        pipeline, model = build_pipeline(
+            args.pipeline, args.pretrained_model_name_or_path, args.lora, args.checkpoint, DTYPES[args.dtype]
+        )
+    except InputDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     paths = generate_images(
-        args.pipeline,
-        args.prompt,
-        args.out,
-        num_images=args.num_images,
-        seed=args.seed,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-        device=args.device,
-        dtype=DTYPES[args.dtype],
+        pipeline.to(device), prompts, args.out, num_images=args.num_images, seed=args.seed, settings=settings,
+        batch_size=args.batch_size, model=model,
     )
-    print(f"Wrote {len(paths)} images to {args.out}")
+    print(f"Wrote {len(paths)} images and {len(prompts)} grids to {args.out}")
+    return paths
 
 
 if __name__ == "__main__":

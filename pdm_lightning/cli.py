@@ -9,7 +9,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pdm_lightning.callbacks.checkpoint import StepCheckpoint
-from pdm_lightning.callbacks.export import ExportPipeline
+from pdm_lightning.callbacks.export import ExportWeights
+from pdm_lightning.callbacks.mask_preview import MaskPreview
+from pdm_lightning.callbacks.evaluation import DreamBenchEvaluation, QualityCheckpoint
+from pdm_lightning.callbacks.predictions import PredictionWriter
+from pdm_lightning.callbacks.samples import SampleImages
 from pdm_lightning.data.datamodule import DreamBoothDataModule
 from pdm_lightning.data.images import InputDataError
 from pdm_lightning.model.module import DreamBoothModule
@@ -32,8 +36,12 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 class PDMLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The base model is named once; the data module needs it for the tokenizer and class images.
-        for key in ("pretrained_model_name_or_path", "revision", "variant"):
+        # The PDM switches are set on the model; the data module builds the matching bank and chunk.
+        for key in ("pretrained_model_name_or_path", "revision", "variant", "use_pdm_loss", "pdm_layer", "pdm_teacher"):
             parser.link_arguments(f"model.{key}", f"data.{key}")
+        # The mask switches are set with the masks (the data module prepares only the masks they need).
+        for key in ("mask_instance_loss", "mask_prior_loss", "mask_pdm_loss"):
+            parser.link_arguments(f"data.masks.{key}", f"model.{key}")
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -46,8 +54,13 @@ class PDMLightningCLI(LightningCLI):
                 "checkpoint.save_top_k": 3,
             }
         )
-        parser.add_lightning_class_args(ExportPipeline, "export")
+        parser.add_lightning_class_args(ExportWeights, "export")
+        parser.add_lightning_class_args(DreamBenchEvaluation, "evaluation")
+        parser.add_lightning_class_args(QualityCheckpoint, "quality_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(MaskPreview, "mask_preview")
+        parser.add_lightning_class_args(SampleImages, "samples")
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
 
@@ -79,3 +92,7 @@ def main() -> None:
     except InputDataError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # `python -m pdm_lightning.cli` = train.py (used by pdm_lightning.runner)
+    main()

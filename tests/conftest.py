@@ -7,10 +7,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The tiny models' ops are too small to gain from intra-op threads; with other processes on the
+# same cores, torch's spinning thread pool made a tiny UNet call up to 60x slower (measured).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the train.py subprocesses some tests start
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SUBJECT = REPO_ROOT / "examples" / "dog"

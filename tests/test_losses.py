@@ -16,6 +16,7 @@ from pdm_lightning.losses.diffusion import (
     per_sample_mse,
     sample_noise,
 )
+from pdm_lightning.losses.pdm import pdm_loss
 
 # abar_t for t = 0..3: chosen so that the square roots are easy to write down by hand.
 ALPHAS_CUMPROD = torch.tensor([0.9, 0.64, 0.25, 0.5], dtype=torch.float64)
@@ -221,3 +222,27 @@ def test_dreambooth_loss_is_differentiable():
     losses = PER_SAMPLE.clone().requires_grad_(True)
     dreambooth_loss(losses, num_instance=2, prior_loss_weight=0.5).total.backward()
     torch.testing.assert_close(losses.grad, torch.tensor([0.5, 0.5, 0.25, 0.25]))
+
+
+# --- PDM loss -------------------------------------------------------------------------------------
+
+def test_pdm_loss_is_the_mean_of_per_element_query_mses():
+    student = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    teacher = torch.tensor([[[1.0, 0.0], [3.0, 4.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    # element 0: squared errors (0, 4, 0, 0) -> 1; element 1: all 1 -> 1; mean 1
+    assert pdm_loss(student, teacher).item() == pytest.approx(1.0)
+    teacher[1] = 3.0  # element 1: all 9
+    assert pdm_loss(student, teacher).item() == pytest.approx((1.0 + 9.0) / 2)
+
+
+def test_pdm_loss_with_token_mask_averages_each_element_over_its_subject_tokens():
+    student = torch.zeros(2, 3, 2)
+    teacher = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], [[4.0, 4.0], [5.0, 5.0], [6.0, 6.0]]])
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    # element 0: tokens 0 and 2 -> (1 + 9) / 2 = 5; element 1: token 1 -> 25; mean 15
+    assert pdm_loss(student, teacher, mask).item() == pytest.approx(15.0)
+
+
+def test_pdm_loss_refuses_queries_of_other_shapes():
+    with pytest.raises(ValueError, match="another layer or resolution"):
+        pdm_loss(torch.zeros(1, 4, 2), torch.zeros(1, 16, 2))

@@ -1,65 +1,110 @@
-"""Exporting the fine-tuned model as a diffusers pipeline folder at the end of fit."""
+"""Exporting the trained weights in the formats users load, at the end of fit and optionally every N steps."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import torch
-from lightning.pytorch.utilities import rank_zero_info
 
-from pdm_lightning.atomic import staged_directory
-from pdm_lightning.model.loading import DTYPES, load_pipeline
+from pdm_lightning.export.weights import ExportOptions, check_export_possible, export_weights
 from pdm_lightning.model.module import DreamBoothModule
 
-def export_pipeline(module: DreamBoothModule, destination: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Writes base model + fine-tuned weights as a pipeline that ``from_pretrained`` loads.
 
-    Frozen parts are read again from the base model rather than taken from the module, where they
-    may be stored in a reduced training dtype.
-    """
-    trained = {"unet": module.unet}
-    if module.hparams.train_text_encoder:
-        trained["text_encoder"] = module.text_encoder
-    # Never cast the live modules (a round trip through half precision would lose their weights).
-    trained = {name: _in_dtype(part, dtype) for name, part in trained.items()}
-    hparams = module.hparams
-    pipeline = load_pipeline(hparams.pretrained_model_name_or_path, hparams.revision, hparams.variant, dtype, **trained)
-    with staged_directory(destination) as staging:
-        pipeline.save_pretrained(staging, safe_serialization=True)
-    return destination
+class ExportWeights(L.Callback):
+    """Writes the exports under ``<log dir>/<dirname>`` when fit ends (not after an interrupted fit).
 
-
-def _in_dtype(part: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    if all(p.dtype == dtype for p in part.parameters()):
-        return part
-    return copy.deepcopy(part).to(dtype=dtype)
-
-
-class ExportPipeline(L.Callback):
-    """At the end of fit, saves the pipeline under ``<log dir>/export/pipeline`` (safetensors).
+    Full fine-tuning: ``pipeline/`` (diffusers folder) and ``<name>.safetensors`` (original SD
+    layout, for AUTOMATIC1111 / ComfyUI / ``from_single_file``). LoRA: ``lora/`` (diffusers
+    ``load_lora_weights`` folder, UNet and text-encoder adapters) and ``<name>_lora.safetensors``
+    (kohya / AUTOMATIC1111 layout). Every export is loaded back right after it is written and the
+    run fails on any missing, unexpected or different weight.
 
     Args:
-        dirname: folder name under the run's log directory.
+        dirname: export folder under the run's log directory.
+        pipeline: write the diffusers pipeline folder. Default (null): yes for a full fine-tune, no
+            for LoRA; true with LoRA writes the base model with the LoRA fused in.
+        single_file: with the pipeline folder, also write it as one ``<name>.safetensors`` in the
+            original Stable Diffusion key layout (SD1.x models).
+        lora_folder: LoRA runs: the diffusers LoRA folder (always written when a merged pipeline is asked for).
+        lora_kohya: LoRA runs: ``<name>_lora.safetensors`` in the kohya / AUTOMATIC1111 key layout.
+        name: file name stem of the single-file checkpoint and of the kohya LoRA.
+        pipeline_dirname: folder name of the pipeline under ``dirname``.
+        lora_dirname: folder name of the diffusers LoRA under ``dirname``.
         dtype: dtype of the exported weights.
+        every_n_train_steps: also export every N optimizer steps into ``<dirname>/step_<N>/``
+            (null: only at the end of fit).
+        verify: load every export back and compare it with the trained weights.
     """
 
-    def __init__(self, dirname: str = "export/pipeline", dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
+    def __init__(
+        self,
+        dirname: str = "export",
+        pipeline: bool | None = None,
+        single_file: bool = True,
+        lora_folder: bool = True,
+        lora_kohya: bool = True,
+        name: str = "pdm_lightning",
+        pipeline_dirname: str = "pipeline",
+        lora_dirname: str = "lora",
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        every_n_train_steps: int | None = None,
+        verify: bool = True,
+    ) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"export.every_n_train_steps must be a positive number of steps or null, got {every_n_train_steps}.")
         self.dirname = dirname
-        self.dtype = dtype
+        self.every_n_train_steps = every_n_train_steps
+        self.options = ExportOptions(
+            pipeline=pipeline,
+            single_file=single_file,
+            lora_folder=lora_folder,
+            lora_kohya=lora_kohya,
+            name=name,
+            pipeline_dirname=pipeline_dirname,
+            lora_dirname=lora_dirname,
+            dtype=dtype,
+            verify=verify,
+        )
+        self._last_exported_step: int | None = None
 
     def export_dir(self, trainer: L.Trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(pl_module, DreamBoothModule):
+            raise TypeError(f"ExportWeights needs a DreamBoothModule, got {type(pl_module).__name__}.")
+        check_export_possible(pl_module, self.options)  # an impossible export fails now, not after training
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps is None or step == 0 or step % self.every_n_train_steps:
+            return
+        # With gradient accumulation several batches end on one step; the final step's export is on_fit_end's.
+        if step == self._last_exported_step or step == trainer.max_steps:
+            return
+        self._last_exported_step = step
+        self._export(trainer, pl_module, self.export_dir(trainer) / f"step_{step:06d}")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
-        if not isinstance(pl_module, DreamBoothModule):
-            raise TypeError(f"ExportPipeline needs a DreamBoothModule, got {type(pl_module).__name__}.")
-        destination = self.export_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+        self._export(trainer, pl_module, self.export_dir(trainer))
+
+    def _export(self, trainer: L.Trainer, module: L.LightningModule, destination: Path) -> None:
+        """Rank 0 writes; every rank learns whether it worked, so none hangs waiting for a failed one."""
+        failure, error = None, None
         if trainer.is_global_zero:
-            export_pipeline(pl_module, destination, DTYPES[self.dtype])
-            rank_zero_info(f"Exported the fine-tuned pipeline to {destination}")
-        trainer.strategy.barrier("export_pipeline")  # no rank exits before the export is on disk
+            try:
+                export_weights(module, destination, self.options)
+            except Exception as caught:  # noqa: BLE001 - re-raised below, after the other ranks are told
+                failure, error = f"{type(caught).__name__}: {caught}", caught
+        failure = trainer.strategy.broadcast(failure, src=0)  # also keeps other ranks until the files are on disk
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RuntimeError(f"The export on rank 0 failed: {failure}")
+
+
+# The callback's earlier name, still used by tests/test_configs.py.
+ExportPipeline = ExportWeights

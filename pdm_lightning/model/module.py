@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
+from pdm_lightning.data.masks import mask_to_latent, mask_to_tokens
 from pdm_lightning.data.sampler import derive_seed
+from pdm_lightning.generate import GenerationSettings, ImageJob, sample_images
 from pdm_lightning.losses.diffusion import (
     add_noise,
     compute_snr,
@@ -18,9 +21,13 @@ from pdm_lightning.losses.diffusion import (
     per_sample_mse,
     sample_noise,
 )
+from pdm_lightning.losses.pdm import pdm_loss
+from pdm_lightning.model.inference import inference_pipeline
 from pdm_lightning.model.loading import load_components
 from pdm_lightning.model.lora import LoraSettings, add_lora_adapters
 from pdm_lightning.model.optim import OptimizerConfig, build_lr_scheduler, build_optimizer
+from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture
+from pdm_lightning.pdm.teacher import unet_query_fn
 
 
 def compute_dtype(precision: str | int | None) -> torch.dtype:
@@ -55,6 +62,15 @@ class DreamBoothModule(L.LightningModule):
         noise_seed: seed of the per-step noise, timesteps and VAE sampling.
         lora: train LoRA adapters (on the UNet, and on the text encoder with train_text_encoder)
             instead of the full weights; None fine-tunes the full weights.
+        use_pdm_loss: add the PDM loss (PDMBooth); the data module then supplies the PDM chunk.
+        pdm_loss_weight: weight of the PDM loss (METHOD.md: 0.1 full fine-tune, 0.05 LoRA).
+        pdm_layer: module path of the ``to_q`` whose output is the appearance query (SD1.5 default).
+        pdm_teacher: ``bank`` reads the teacher's queries from the feature bank; ``on_the_fly`` recomputes
+            them from stored latents with the pretrained UNet (the same UNet with adapters off under LoRA,
+            a frozen copy in the compute dtype under full fine-tuning).
+        mask_instance_loss: restrict the instance loss to the subject (needs subject masks).
+        mask_prior_loss: restrict the prior loss to the subject of each class image (needs class masks).
+        mask_pdm_loss: restrict the PDM loss to the subject's tokens (needs subject masks).
     """
 
     def __init__(
@@ -72,12 +88,21 @@ class DreamBoothModule(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         noise_seed: int = 0,
         lora: LoraSettings | None = None,
+        use_pdm_loss: bool = False,
+        pdm_loss_weight: float = 0.1,
+        pdm_layer: str = DEFAULT_PDM_LAYER,
+        pdm_teacher: Literal["bank", "on_the_fly"] = "bank",
+        mask_instance_loss: bool = False,
+        mask_prior_loss: bool = False,
+        mask_pdm_loss: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.lora = lora
         self.tokenizer = self.text_encoder = self.vae = self.unet = self.noise_scheduler = None
+        self.teacher_unet = None  # full fine-tuning with an on-the-fly PDM teacher only
+        self.query_capture: QueryCapture | None = None
         # Checkpoints carry only trainable weights; on_load_checkpoint checks none of those is missing.
         self.strict_loading = False
 
@@ -106,6 +131,8 @@ class DreamBoothModule(L.LightningModule):
                 add_lora_adapters(self.text_encoder, self.lora, self.lora.text_encoder_target_modules)
             else:
                 self.text_encoder.requires_grad_(False)
+        if self.hparams.use_pdm_loss:
+            self._configure_pdm(frozen_dtype)
 
         if self.hparams.attention_backend == "xformers":
             if importlib.util.find_spec("xformers") is None:
@@ -119,6 +146,13 @@ class DreamBoothModule(L.LightningModule):
             if self.hparams.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
 
+    def _configure_pdm(self, teacher_dtype: torch.dtype) -> None:
+        if self.hparams.pdm_teacher == "on_the_fly" and self.lora is None:
+            # Copied before any training step (and before a checkpoint is restored): the pretrained weights.
+            self.teacher_unet = copy.deepcopy(self.unet).requires_grad_(False).to(dtype=teacher_dtype).eval()
+        # Registered after LoRA injection, so the student's query includes the adapter's delta.
+        self.query_capture = QueryCapture(self.unet, self.hparams.pdm_layer)
+
     def train(self, mode: bool = True) -> DreamBoothModule:
         """Switches the trained parts' mode; frozen parts stay in eval mode (from_pretrained loads all in eval)."""
         super().train(mode)
@@ -126,6 +160,8 @@ class DreamBoothModule(L.LightningModule):
             self.vae.eval()
             if not self.hparams.train_text_encoder:
                 self.text_encoder.eval()
+        if self.teacher_unet is not None:
+            self.teacher_unet.eval()
         return self
 
     @property
@@ -156,25 +192,98 @@ class DreamBoothModule(L.LightningModule):
         generator = self._step_generator()
         latents = self.encode_images(batch["pixel_values"], generator)
         noise = sample_noise(latents.shape, generator, self.device, self.hparams.offset_noise)
+        num_pdm = int(batch.get("num_pdm", 0))
+        num_diffusion = latents.shape[0] - num_pdm  # instance (+ class) chunks; the PDM chunk comes last
         num_timesteps = self.alphas_cumprod.shape[0]
-        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=self.device)
+        timesteps = torch.randint(0, num_timesteps, (num_diffusion,), generator=generator, device=self.device)
+        if num_pdm:  # the PDM chunk's timesteps come from the teacher's trajectory (never interpolated)
+            timesteps = torch.cat([timesteps, batch["pdm_timestep"].to(timesteps)])
         noisy_latents = add_noise(latents, noise, timesteps, self.alphas_cumprod)
 
-        prediction = self(noisy_latents, timesteps, batch["input_ids"])
+        prediction = self(noisy_latents, timesteps, batch["input_ids"])[:num_diffusion]
+        latents, noise, timesteps = latents[:num_diffusion], noise[:num_diffusion], timesteps[:num_diffusion]
         target = diffusion_target(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type)
         weights = None
         if self.hparams.snr_gamma is not None:
             snr = compute_snr(self.alphas_cumprod, timesteps)
             weights = min_snr_weights(snr, self.hparams.snr_gamma, self.prediction_type)
+        num_instance = int(batch["num_instance"])
         loss = dreambooth_loss(
-            per_sample_mse(prediction, target), int(batch["num_instance"]), self.hparams.prior_loss_weight, weights
+            per_sample_mse(prediction, target, self._diffusion_mask(batch, num_instance, latents)),
+            num_instance,
+            self.hparams.prior_loss_weight,
+            weights,
         )
+        total = loss.total
+        if num_pdm:
+            student = self.query_capture.pop()[num_diffusion:]
+            token_mask = None
+            if self.hparams.mask_pdm_loss:
+                token_mask = mask_to_tokens(mask_to_latent(batch["pdm_mask"], latents.shape[-2:]), student.shape[1])
+            loss_pdm = pdm_loss(student, self.teacher_queries(batch), token_mask)
+            total = total + self.hparams.pdm_loss_weight * loss_pdm
+            self.log("train/loss_pdm", loss_pdm)
 
-        self.log("train/loss", loss.total, prog_bar=True)
+        self.log("train/loss", total, prog_bar=True)
         self.log("train/loss_instance", loss.instance)
         if loss.prior is not None:
             self.log("train/loss_prior", loss.prior)
-        return loss.total
+        return total
+
+    def _diffusion_mask(self, batch: dict[str, Any], num_instance: int, latents: torch.Tensor) -> torch.Tensor | None:
+        """Latent-resolution subject masks for the instance (+ class) chunk; ones where masking is off."""
+        masked = {"instance_mask": (0, num_instance) if self.hparams.mask_instance_loss else None}
+        if self.hparams.mask_prior_loss and latents.shape[0] > num_instance:
+            masked["class_mask"] = (num_instance, latents.shape[0])
+        masked = {key: span for key, span in masked.items() if span is not None}
+        if not masked:
+            return None
+        mask = latents.new_ones(latents.shape[0], 1, *latents.shape[-2:])
+        for key, (start, stop) in masked.items():
+            if key not in batch:
+                raise RuntimeError(
+                    f"mask_{key.removesuffix('_mask')}_loss is on but the batch has no {key}: give the data module "
+                    "subject masks (data.instance_mask_dir or automatic masks)."
+                )
+            mask[start:stop] = mask_to_latent(batch[key], latents.shape[-2:])
+        return mask
+
+    def teacher_queries(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The pretrained model's queries for the batch's PDM chunk: read from the bank, or recomputed."""
+        if "pdm_queries" in batch:
+            return batch["pdm_queries"]
+        # Full fine-tuning: the frozen copy. LoRA: the same UNet with its adapters off (no second copy).
+        teacher = self.teacher_unet if self.teacher_unet is not None else self.unet
+        query = unet_query_fn(teacher, batch["pdm_condition"], self.hparams.pdm_layer, disable_adapters=self.lora is not None)
+        return query(batch["pdm_latents"], batch["pdm_timestep"])
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generates a batch of ``DreamBoothDataModule.predict_dataloader`` with the live weights (LoRA active).
+
+        Each image has its own seeded generator, so it does not depend on the batch it falls in;
+        ``PredictionWriter`` saves the returned images.
+        """
+        jobs = [ImageJob(**job) for job in batch["jobs"]]
+        settings = GenerationSettings(**batch["generation"])
+        pipeline = inference_pipeline(self, settings.scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        # Plain dicts and images: Lightning's output transfer refuses frozen dataclasses.
+        return {**batch, "images": sample_images(pipeline, jobs, settings)}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generates the batch's evaluation images (``DreamBenchEvaluation`` embeds and scores them)."""
+        return self.generate_evaluation_images(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generates the batch's evaluation images (``DreamBenchEvaluation`` embeds and scores them)."""
+        return self.generate_evaluation_images(batch)
+
+    @torch.no_grad()
+    def generate_evaluation_images(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``{"requests", "images"}``: one PIL image per request, seeded by the request (prompt, image index)."""
+        from pdm_lightning.evaluation.generation import generate_for_requests
+
+        return {"requests": batch["requests"], "images": generate_for_requests(self, batch["requests"])}
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(

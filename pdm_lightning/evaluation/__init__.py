@@ -1,0 +1,1 @@
+"""DreamBench evaluation: prompts, embeddings, metrics (METHOD.md's definitions) and reports."""

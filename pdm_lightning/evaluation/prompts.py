@@ -1,0 +1,148 @@
+"""DreamBench prompts and classes: parsing ``prompts_and_classes.txt`` and filling in identifier and class.
+
+The file (published with the DreamBooth dataset) holds a ``subject_name,class`` table and two
+prompt lists, one for objects and one for live subjects, as Python ``'...'.format(unique_token,
+class_token)`` lines. By the DreamBench convention the live subjects are the cats and dogs.
+The two lists are also bundled here, so the evaluation works without the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdm_lightning.data.images import InputDataError
+
+LIVE_SUBJECT_CLASSES = frozenset({"cat", "dog"})
+
+_RECONTEXTUALIZATION = (
+    "a {0} {1} in the jungle",
+    "a {0} {1} in the snow",
+    "a {0} {1} on the beach",
+    "a {0} {1} on a cobblestone street",
+    "a {0} {1} on top of pink fabric",
+    "a {0} {1} on top of a wooden floor",
+    "a {0} {1} with a city in the background",
+    "a {0} {1} with a mountain in the background",
+    "a {0} {1} with a blue house in the background",
+    "a {0} {1} on top of a purple rug in a forest",
+)
+_PROPERTY_CHANGES = ("a red {0} {1}", "a purple {0} {1}", "a shiny {0} {1}", "a wet {0} {1}", "a cube shaped {0} {1}")
+OBJECT_PROMPTS: tuple[str, ...] = _RECONTEXTUALIZATION + (
+    "a {0} {1} with a wheat field in the background",
+    "a {0} {1} with a tree and autumn leaves in the background",
+    "a {0} {1} with the Eiffel Tower in the background",
+    "a {0} {1} floating on top of water",
+    "a {0} {1} floating in an ocean of milk",
+    "a {0} {1} on top of green grass with sunflowers around it",
+    "a {0} {1} on top of a mirror",
+    "a {0} {1} on top of the sidewalk in a crowded street",
+    "a {0} {1} on top of a dirt road",
+    "a {0} {1} on top of a white rug",
+) + _PROPERTY_CHANGES
+LIVE_PROMPTS: tuple[str, ...] = _RECONTEXTUALIZATION + (
+    "a {0} {1} wearing a red hat",
+    "a {0} {1} wearing a santa hat",
+    "a {0} {1} wearing a rainbow scarf",
+    "a {0} {1} wearing a black top hat and a monocle",
+    "a {0} {1} in a chef outfit",
+    "a {0} {1} in a firefighter outfit",
+    "a {0} {1} in a police outfit",
+    "a {0} {1} wearing pink glasses",
+    "a {0} {1} wearing a yellow shirt",
+    "a {0} {1} in a purple wizard outfit",
+) + _PROPERTY_CHANGES
+
+
+@dataclass(frozen=True)
+class DreamBenchPrompts:
+    """The contents of a ``prompts_and_classes.txt``: subject -> class, and the two prompt templates lists."""
+
+    classes: dict[str, str] = field(default_factory=dict)
+    object_prompts: tuple[str, ...] = OBJECT_PROMPTS
+    live_prompts: tuple[str, ...] = LIVE_PROMPTS
+
+    def templates_for(self, class_noun: str) -> tuple[str, ...]:
+        return self.live_prompts if is_live_subject(class_noun) else self.object_prompts
+
+
+def is_live_subject(class_noun: str) -> bool:
+    """DreamBench's live subjects are the cats and dogs; everything else uses the object prompts."""
+    return class_noun.strip().lower() in LIVE_SUBJECT_CLASSES
+
+
+_PROMPT_LINE = re.compile(r"""^\s*(['"])(.*)\1\s*\.\s*format\(""")
+
+
+def parse_prompts_and_classes(path: str | os.PathLike) -> DreamBenchPrompts:
+    """Reads a DreamBench ``prompts_and_classes.txt`` (classes table, object and live-subject prompt lists)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(f"{path} does not exist: point it at DreamBench's prompts_and_classes.txt.")
+    classes: dict[str, str] = {}
+    lists: dict[str, list[str]] = {"object": [], "live": []}
+    section = None
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        lowered = line.lower()
+        if lowered == "classes":
+            section = "classes"
+        elif lowered.startswith("object prompts"):
+            section = "object"
+        elif lowered.startswith("live subject prompts"):
+            section = "live"
+        elif section == "classes" and "," in line and lowered != "subject_name,class":
+            subject, class_noun = (part.strip() for part in line.split(",", 1))
+            classes[subject] = class_noun
+        elif section in lists and (match := _PROMPT_LINE.match(line)):
+            lists[section].append(match.group(2))
+    if not classes or not lists["object"] or not lists["live"]:
+        raise InputDataError(
+            f"{path} is not a DreamBench prompts_and_classes.txt (needs the 'Classes' table and the 'Object Prompts' "
+            "and 'Live Subject Prompts' lists): fix the file or leave prompts_file unset to use the bundled prompts."
+        )
+    return DreamBenchPrompts(classes, tuple(lists["object"]), tuple(lists["live"]))
+
+
+def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
+    """``'a {0} {1} in the snow'`` -> ``'a sks dog in the snow'``; a prompt without placeholders is kept as is."""
+    return template.replace("{0}", identifier).replace("{1}", class_noun)
+
+
+def split_identifier_and_class(instance_prompt: str, class_prompt: str | None) -> tuple[str, str]:
+    """Identifier and class noun from the two training prompts.
+
+    ``("a photo of sks dog", "a photo of dog")`` -> ``("sks", "dog")``: the class noun is what the
+    class prompt adds after the words both prompts start with, the identifier is what the instance
+    prompt has in between.
+    """
+    if not class_prompt:
+        raise InputDataError(
+            "The evaluation needs the identifier and class noun: set data.class_prompt (e.g. 'a photo of dog') or "
+            "--data.evaluation.identifier sks --data.evaluation.class_noun dog."
+        )
+    instance, cls = instance_prompt.split(), class_prompt.split()
+    prefix = 0
+    while prefix < min(len(instance), len(cls)) and instance[prefix] == cls[prefix]:
+        prefix += 1
+    class_words = cls[prefix:]
+    identifier = instance[prefix : len(instance) - len(class_words)]
+    if not class_words or instance[len(instance) - len(class_words) :] != class_words or not identifier:
+        raise InputDataError(
+            f"Cannot tell identifier and class noun apart in instance prompt {instance_prompt!r} and class prompt "
+            f"{class_prompt!r}: set --data.evaluation.identifier and --data.evaluation.class_noun."
+        )
+    return " ".join(identifier), " ".join(class_words)
+
+
+def evenly_spaced(items: tuple[str, ...] | list[str], count: int | None) -> list[str]:
+    """``count`` items spread over the list (first and last included), so a few prompts still cover both
+    recontextualization and property changes; all of them for None or a count >= the length."""
+    items = list(items)
+    if count is None or count >= len(items):
+        return items
+    if count <= 1:
+        return items[:max(count, 0)]
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]

@@ -1,0 +1,93 @@
+"""Extracts the PDM teacher features (the query bank) ahead of training.
+
+    python -m pdm_lightning.features --pretrained_model_name_or_path M --instance_data_dir DIR \\
+        --class_prompt "a photo of dog" --resolution 512 --out OUT
+
+writes one ``<image stem>.safetensors`` per instance image into OUT with ``queries``
+[timesteps, tokens, dim] (row t = timestep t in the default faithful mode), ``timesteps``, and the
+settings in the file's metadata. Finished files are reused, so an interrupted run resumes per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pdm_lightning.data.images import InputDataError, validate_image_folder
+from pdm_lightning.pdm.bank import COMPUTE_DTYPES, MODES, STORAGE_DTYPES, BankSettings, QueryBank, build_bank
+from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pdm_lightning.features", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="base model: local diffusers folder or hub id")
+    parser.add_argument("--revision", default=None, help="hub revision of the base model")
+    parser.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
+    parser.add_argument("--instance_data_dir", required=True, help="folder of the subject's photos (read only)")
+    parser.add_argument("--class_prompt", required=True, help='the prompt the inversion is conditioned on, e.g. "a photo of dog"')
+    parser.add_argument("--resolution", type=int, required=True, help="training resolution (each image's center crop)")
+    parser.add_argument("--out", required=True, help="output folder (created; finished files in it are reused)")
+    parser.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default="float16", help="storage dtype of the queries")
+    parser.add_argument(
+        "--inversion_steps", type=int, default=None,
+        help="DDIM inversion steps (default: the faithful 999, a row for every t = 0..999)",
+    )
+    parser.add_argument(
+        "--mode", choices=MODES, default="bank",
+        help="bank: queries; latents: reconstruction latents only (on-the-fly targets); both",
+    )
+    parser.add_argument("--layer", default=DEFAULT_PDM_LAYER, help="module path of the captured query projection")
+    parser.add_argument("--batch_size", type=int, default=1, help="images inverted together (one UNet call per step)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--compute_dtype", choices=tuple(COMPUTE_DTYPES), default="float32", help="dtype the models run in")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pdm_lightning.model.loading import check_model_source
+
+    try:
+        images = validate_image_folder(args.instance_data_dir, "--instance_data_dir", args.resolution)
+        check_model_source(args.pretrained_model_name_or_path, args.revision)
+        settings = BankSettings(
+            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+            class_prompt=args.class_prompt,
+            resolution=args.resolution,
+            revision=args.revision,
+            variant=args.variant,
+            layer=args.layer,
+            inversion_steps=args.inversion_steps,
+            dtype=args.dtype,
+            mode=args.mode,
+            compute_dtype=args.compute_dtype,
+        )
+        start = time.perf_counter()
+        report = build_bank(
+            settings, images, args.out, batch_size=args.batch_size, device=args.device, progress=not args.no_progress
+        )
+    except (InputDataError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    seconds = time.perf_counter() - start
+    bank = QueryBank(report.files)
+    rows = len(bank.timesteps)
+    contents = []
+    if bank.has_queries:
+        contents.append(f"queries [{rows}, {', '.join(map(str, bank.query_shape))}] {args.dtype}")
+    if bank.has_latents:
+        contents.append(f"latents [{rows}, {', '.join(map(str, bank.latent_shape))}] float32")
+    shape = ", ".join(contents)
+    print(
+        f"{report.folder}: {report.computed} images extracted ({report.unet_calls} UNet calls, {seconds:.1f} s), "
+        f"{report.reused} reused; {shape}; {bank.bytes_per_image() / 2**20:.2f} MB per image."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""PDM teacher features: the query capture hook, DDIM inversion, the on-disk query bank and the teacher."""
+
+from pdm_lightning.pdm.bank import (
+    BankSettings,
+    BuildReport,
+    QueryBank,
+    build_bank,
+    class_condition,
+    cache_folder,
+    default_cache_root,
+    ensure_cached_bank,
+    open_bank,
+)
+from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture, adapters_disabled
+from pdm_lightning.pdm.inversion import trajectory_timesteps
+from pdm_lightning.pdm.teacher import BankTeacher, OnTheFlyTeacher, load_frozen_unet, unet_query_fn
+
+__all__ = [
+    "DEFAULT_PDM_LAYER",
+    "BankSettings",
+    "BankTeacher",
+    "BuildReport",
+    "OnTheFlyTeacher",
+    "QueryBank",
+    "QueryCapture",
+    "adapters_disabled",
+    "build_bank",
+    "cache_folder",
+    "class_condition",
+    "default_cache_root",
+    "ensure_cached_bank",
+    "load_frozen_unet",
+    "open_bank",
+    "trajectory_timesteps",
+    "unet_query_fn",
+]

@@ -1,0 +1,492 @@
+"""The teacher query bank on disk: one ``<image stem>.safetensors`` per instance image.
+
+Each file holds ``timesteps`` [n_t] (ascending; 0..999 in faithful mode, so row = timestep), and
+``queries`` [n_t, tokens, dim] (mode ``bank``) and/or ``latents`` [n_t, 4, h, w] (mode ``latents``:
+the latents fed to the UNet at each recorded reconstruction call, for on-the-fly targets), with
+every setting that determines it in the header's metadata. Readers memory-map the files and read
+only the rows a training step needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from pdm_lightning.data.dataset import load_training_image
+from pdm_lightning.data.images import InputDataError
+from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture
+from pdm_lightning.pdm.fingerprint import file_sha256, model_fingerprint
+from pdm_lightning.pdm.inversion import invert_and_reconstruct, trajectory_timesteps
+from pdm_lightning.pdm.storage import PreallocatedSafetensors, read_metadata, remove_dead_partials
+
+# Bumped whenever the procedure or the file layout changes, so old caches become misses.
+BANK_FORMAT = "pdm-bank-1"
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODES = ("bank", "latents", "both")
+# Per-image keys of the metadata (the rest comes from BankSettings and the model fingerprint).
+IMAGE_KEYS = ("image_name", "image_sha256")
+# In the cache root: model-file hashes remembered by (path, size, mtime), so big weights are hashed once.
+MODEL_HASHES_FILE = "file-hashes.json"
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """Everything besides the images that determines a bank.
+
+    Args:
+        pretrained_model_name_or_path: the frozen base model (local diffusers folder or hub id).
+        class_prompt: the prompt the inversion is conditioned on (METHOD.md: the class prompt).
+        resolution: training resolution; each image's center crop at this size is inverted.
+        revision / variant: of the base model.
+        layer: module path of the captured query projection inside the UNet.
+        inversion_steps: None (faithful: 999 steps, a row for every t = 0..999) or fewer.
+        dtype: storage dtype of ``queries`` (latents are always stored in float32).
+        mode: ``bank`` (queries), ``latents`` (latents only, for on-the-fly targets) or ``both``.
+        compute_dtype: dtype the frozen UNet, VAE and text encoder run in during extraction.
+    """
+
+    pretrained_model_name_or_path: str
+    class_prompt: str
+    resolution: int
+    revision: str | None = None
+    variant: str | None = None
+    layer: str = DEFAULT_PDM_LAYER
+    inversion_steps: int | None = None
+    dtype: Literal["float16", "float32"] = "float16"
+    mode: Literal["bank", "latents", "both"] = "bank"
+    compute_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}.")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}.")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8 (the VAE's factor), got {self.resolution}.")
+        if self.inversion_steps is not None and self.inversion_steps < 1:
+            raise ValueError(f"inversion_steps must be at least 1 (or None for the faithful 999), got {self.inversion_steps}.")
+
+    @property
+    def stores_queries(self) -> bool:
+        return self.mode in ("bank", "both")
+
+    @property
+    def stores_latents(self) -> bool:
+        return self.mode in ("latents", "both")
+
+    def metadata(self, model: str) -> dict[str, str]:
+        """The settings as the strings stored in (and compared against) each file's header.
+
+        ``model`` is the model fingerprint; the model path itself is informative only (a folder
+        can move without changing the bank) and is not compared.
+        """
+        values = asdict(self)
+        values.pop("pretrained_model_name_or_path")
+        values.pop("revision")
+        values.pop("variant")
+        values["inversion_steps"] = "faithful" if self.inversion_steps is None else str(self.inversion_steps)
+        return {
+            "format": BANK_FORMAT,
+            "model": model,
+            "crop": "center",
+            **{key: str(value) for key, value in values.items()},
+        }
+
+    def key(self, model: str) -> str:
+        """A short hash of the settings: the cache folder's name."""
+        text = "\n".join(f"{k}={v}" for k, v in sorted(self.metadata(model).items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def bank_file(folder: Path, image: Path) -> Path:
+    return folder / f"{image.stem}.safetensors"
+
+
+def check_distinct_stems(images: Sequence[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for image in images:
+        if image.stem in seen:
+            raise InputDataError(
+                f"{image} and {seen[image.stem]} share the name {image.stem!r}, but the bank keeps one "
+                f"{image.stem}.safetensors per image: rename one of them."
+            )
+        seen[image.stem] = image
+
+
+def image_metadata(image: Path) -> dict[str, str]:
+    return {"image_name": image.name, "image_sha256": file_sha256(image)}
+
+
+def metadata_differences(found: dict[str, str], expected: dict[str, str]) -> list[str]:
+    """Human-readable ``key: found != expected`` for every expected key a file disagrees on."""
+    return [
+        f"{key}: {found.get(key, '(missing)')!r} != {value!r}" for key, value in expected.items() if found.get(key) != value
+    ]
+
+
+def _file_matches(path: Path, expected: dict[str, str]) -> bool:
+    try:
+        return not metadata_differences(read_metadata(path), expected)
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not a match
+        return False
+
+
+@dataclass
+class BuildReport:
+    """What ``build_bank`` did: the files of this shard, and how many it computed versus found."""
+
+    folder: Path
+    files: list[Path]
+    computed: int
+    reused: int
+    unet_calls: int
+
+
+def build_bank(
+    settings: BankSettings,
+    images: Sequence[Path],
+    folder: str | os.PathLike,
+    *,
+    on_mismatch: Literal["error", "replace"] = "error",
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    components: object | None = None,
+    memo_file: Path | None = None,
+) -> BuildReport:
+    """Writes the bank file of every image of this shard into ``folder``, skipping finished ones.
+
+    Idempotent and resumable per image: a file whose metadata matches is reused and never
+    rewritten; an interrupted image is recomputed from scratch. A file with other settings is an
+    error (``on_mismatch="error"``, for folders the user named) or recomputed and replaced
+    (``"replace"``, for the cache). Rank ``r`` of ``world_size`` handles images r, r + W, ...;
+    the caller waits for all ranks (a barrier) before opening the bank. The models are loaded
+    only when there is work (``components``: an already loaded StableDiffusionComponents).
+    """
+    images = [Path(p) for p in images]
+    if not images:
+        raise InputDataError("The PDM bank needs at least one instance image; the instance folder is empty.")
+    check_distinct_stems(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(folder)
+    base = settings.metadata(
+        model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant, memo_file)
+    )
+    mine = images[rank::world_size]
+    todo: list[tuple[Path, dict[str, str]]] = []
+    for image in mine:
+        expected = {**base, **image_metadata(image)}
+        target = bank_file(folder, image)
+        if target.exists() and not _file_matches(target, expected):
+            if on_mismatch == "error":
+                differences = metadata_differences(_safe_metadata(target), expected)
+                raise InputDataError(
+                    f"{target} was built with other settings or from another image ({'; '.join(differences)}). "
+                    "Choose another output folder, or delete that file to rebuild it."
+                )
+        elif target.exists():
+            continue
+        todo.append((image, expected))
+    files = [bank_file(folder, image) for image in mine]
+    if not todo:
+        return BuildReport(folder, files, computed=0, reused=len(mine), unet_calls=0)
+
+    extractor = BankExtractor(settings, components, device)
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    with tqdm(
+        total=len(batches) * extractor.calls_per_batch, desc=f"PDM teacher bank ({len(todo)} images)", unit="call",
+        disable=not progress, dynamic_ncols=True,
+    ) as bar:
+        for batch in batches:
+            # Another process may have finished some of these meanwhile.
+            batch = [(img, exp) for img, exp in batch if not _file_matches(bank_file(folder, img), exp)]
+            if batch:
+                extractor.extract(batch, folder, on_call=bar.update)
+            else:
+                bar.update(extractor.calls_per_batch)
+    extractor.release()
+    return BuildReport(folder, files, computed=len(todo), reused=len(mine) - len(todo), unet_calls=extractor.unet_calls)
+
+
+def _safe_metadata(path: Path) -> dict[str, str]:
+    try:
+        return read_metadata(path)
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+@torch.no_grad()
+def class_condition(tokenizer, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:  # noqa: ANN001
+    """Text-encoder output [1, 77, d] of ``prompt``, tokenized as training does (padded to max length)."""
+    device = next(text_encoder.parameters()).device
+    input_ids = tokenizer(
+        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids.to(device)
+    return text_encoder(input_ids)[0]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class BankExtractor:
+    """The frozen base model set up for extraction: runs the batched inversion and writes the files."""
+
+    def __init__(self, settings: BankSettings, components: object | None, device: str | torch.device | None) -> None:
+        from pdm_lightning.model.loading import load_components
+
+        self.settings = settings
+        self.device = torch.device(device) if device is not None else default_device()
+        self.compute_dtype = COMPUTE_DTYPES[settings.compute_dtype]
+        parts = components or load_components(
+            settings.pretrained_model_name_or_path, settings.revision, settings.variant
+        )
+        self.unet, self.vae = parts.unet, parts.vae
+        for model in (parts.unet, parts.vae, parts.text_encoder):
+            model.requires_grad_(False).eval().to(self.device)
+            if model.dtype != self.compute_dtype:  # casting to the same dtype only logs a diffusers warning
+                model.to(dtype=self.compute_dtype)
+        scheduler = parts.noise_scheduler
+        self.prediction_type = scheduler.config.prediction_type
+        self.alphas_cumprod = scheduler.alphas_cumprod.clone()
+        self.trajectory = trajectory_timesteps(scheduler.config.num_train_timesteps, settings.inversion_steps)
+        self.calls_per_batch = 2 * len(self.trajectory) - 1
+        self.unet_calls = 0
+        self.condition = class_condition(parts.tokenizer, parts.text_encoder, settings.class_prompt)
+        self.capture = QueryCapture(self.unet, settings.layer)
+
+    @torch.inference_mode()
+    def extract(self, batch: list[tuple[Path, dict[str, str]]], folder: Path, on_call=None) -> None:  # noqa: ANN001
+        """Inverts and reconstructs one batch of images (one UNet call per step for all), writing rows as they come."""
+        pixels = torch.stack([load_training_image(image, self.settings.resolution, None) for image, _ in batch])
+        latent_dist = self.vae.encode(pixels.to(self.device, self.compute_dtype)).latent_dist
+        clean = latent_dist.mode().float() * self.vae.config.scaling_factor
+        condition = self.condition.expand(len(batch), -1, -1)
+        writers: list[PreallocatedSafetensors] = []
+        store_dtype = STORAGE_DTYPES[self.settings.dtype]
+        n_rows = len(self.trajectory)
+
+        def predict(latents: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+            output = self.unet(latents.to(self.compute_dtype), timestep, condition).sample
+            self.unet_calls += 1
+            return output, self.capture.pop()
+
+        def record(row: int, query: torch.Tensor, latents: torch.Tensor) -> None:
+            if not writers:  # shapes are known at the first recorded call
+                tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {"timesteps": (torch.int64, (n_rows,))}
+                if self.settings.stores_queries:
+                    tensors["queries"] = (store_dtype, (n_rows, *query.shape[1:]))
+                if self.settings.stores_latents:
+                    tensors["latents"] = (torch.float32, (n_rows, *latents.shape[1:]))
+                for image, expected in batch:
+                    writers.append(PreallocatedSafetensors(bank_file(folder, image), tensors, expected))
+            queries = query.to("cpu", store_dtype) if self.settings.stores_queries else None
+            stored_latents = latents.to("cpu", torch.float32) if self.settings.stores_latents else None
+            for index, writer in enumerate(writers):
+                if queries is not None:
+                    writer.write("queries", queries[index], row=row)
+                if stored_latents is not None:
+                    writer.write("latents", stored_latents[index], row=row)
+
+        try:
+            invert_and_reconstruct(
+                predict, clean, self.alphas_cumprod, self.trajectory, record, self.prediction_type, on_call=on_call
+            )
+            for writer, (image, expected) in zip(writers, batch):
+                writer.write("timesteps", self.trajectory)
+                # A finished file is never rewritten: if another process completed it meanwhile, keep that one.
+                if _file_matches(writer.path, expected):
+                    writer.discard()
+                else:
+                    writer.commit()
+        finally:
+            for writer in writers:
+                writer.discard()  # no-op after commit (the partial is gone)
+
+    def release(self) -> None:
+        """Frees the models' device memory before training starts."""
+        self.capture.remove()
+        self.unet = self.vae = self.condition = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def cache_folder(settings: BankSettings, cache_root: str | os.PathLike, memo_file: Path | None = None) -> Path:
+    """The cache folder of ``settings``: ``<cache_root>/<settings key>``, one file per image inside."""
+    root = Path(cache_root)
+    model = model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant, memo_file)
+    return root / settings.key(model)
+
+
+def default_cache_root() -> Path:
+    """``$PDM_LIGHTNING_CACHE``, else ``$XDG_CACHE_HOME/pdm_lightning/pdm_bank`` (``~/.cache`` by default)."""
+    if "PDM_LIGHTNING_CACHE" in os.environ:
+        return Path(os.environ["PDM_LIGHTNING_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "pdm_lightning" / "pdm_bank"
+
+
+def ensure_cached_bank(
+    settings: BankSettings, images: Sequence[Path], cache_root: str | os.PathLike | None = None, **build_options: object
+) -> BuildReport:
+    """Builds (or reuses) the bank in the cache; stale files (other image bytes) are recomputed.
+
+    Local model folders are fingerprinted by their bytes once, then remembered by (path, size,
+    mtime) in ``<cache_root>/file-hashes.json``. ``build_options`` go to ``build_bank``.
+    """
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    memo = root / MODEL_HASHES_FILE
+    return build_bank(
+        settings, images, cache_folder(settings, root, memo), on_mismatch="replace", memo_file=memo, **build_options
+    )
+
+
+def cached_bank_folder(settings: BankSettings, cache_root: str | os.PathLike | None = None) -> Path:
+    """Where ``ensure_cached_bank`` keeps the bank of ``settings`` (for the processes that only read it)."""
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    return cache_folder(settings, root, root / MODEL_HASHES_FILE)
+
+
+class QueryBank:
+    """Memory-mapped read access to the bank files of the instance images, in the dataset's image order.
+
+    Only the requested rows (one image, one timestep each) are read from disk; nothing is kept
+    on the device. Picklable (file handles are reopened lazily in each process).
+    """
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        if not files:
+            raise ValueError("A QueryBank needs at least one file.")
+        self.files = [Path(f) for f in files]
+        self.metadata = [read_metadata(f) for f in self.files]
+        self._handles: dict[int, object] = {}
+        first = self._handle(0)
+        self.timesteps = first.get_tensor("timesteps").long()
+        keys = set(first.keys())
+        self.has_queries, self.has_latents = "queries" in keys, "latents" in keys
+        self.query_shape = tuple(first.get_slice("queries").get_shape()[1:]) if self.has_queries else None
+        self.latent_shape = tuple(first.get_slice("latents").get_shape()[1:]) if self.has_latents else None
+        for index in range(1, len(self.files)):
+            self._check_consistent(index)
+        # Faithful banks store every timestep 0..T-1: the row is the timestep itself.
+        self._row_is_timestep = bool(torch.equal(self.timesteps, torch.arange(len(self.timesteps))))
+
+    def _check_consistent(self, index: int) -> None:
+        handle = self._handle(index)
+        same = torch.equal(handle.get_tensor("timesteps").long(), self.timesteps) and set(handle.keys()) == set(
+            self._handle(0).keys()
+        )
+        settings = {k: v for k, v in self.metadata[index].items() if k not in IMAGE_KEYS}
+        first = {k: v for k, v in self.metadata[0].items() if k not in IMAGE_KEYS}
+        if not same or settings != first:
+            raise InputDataError(
+                f"{self.files[index]} and {self.files[0]} were built with different settings "
+                f"({'; '.join(metadata_differences(settings, first)) or 'timesteps or contents differ'}): "
+                "rebuild the bank folder with one command."
+            )
+
+    def _handle(self, index: int):  # noqa: ANN202 - safetensors' safe_open handle
+        if index not in self._handles:
+            self._handles[index] = safe_open(str(self.files[index]), framework="pt")
+        return self._handles[index]
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return {k: v for k, v in self.metadata[0].items() if k not in IMAGE_KEYS}
+
+    def rows(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Row index of each timestep; an error for a timestep the trajectory never visited."""
+        timesteps = torch.as_tensor(timesteps).long().cpu()
+        if self._row_is_timestep:
+            rows = timesteps
+            valid = (rows >= 0) & (rows < len(self.timesteps))
+        else:
+            rows = torch.searchsorted(self.timesteps, timesteps).clamp(max=len(self.timesteps) - 1)
+            valid = self.timesteps[rows] == timesteps
+        if not bool(valid.all()):
+            bad = timesteps[~valid].tolist()
+            raise ValueError(
+                f"Timesteps {bad} are not in the bank's trajectory ({len(self.timesteps)} timesteps): draw PDM "
+                "timesteps from bank.timesteps (never interpolated)."
+            )
+        return rows
+
+    def _gather(self, name: str, image_indices: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        image_indices = torch.as_tensor(image_indices).long().cpu().reshape(-1)
+        rows = self.rows(timesteps).reshape(-1)
+        if len(image_indices) != len(rows):
+            raise ValueError(f"{len(image_indices)} image indices but {len(rows)} timesteps.")
+        if not getattr(self, f"has_{name}"):
+            raise ValueError(f"This bank holds no {name} (mode {self.settings.get('mode')}); rebuild it with mode 'both'.")
+        return torch.stack(
+            [self._handle(int(i) % len(self.files)).get_slice(name)[int(r)] for i, r in zip(image_indices, rows)]
+        )
+
+    def queries(self, image_indices: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Teacher queries [B, tokens, dim] on the CPU in the stored dtype (index modulo the image count)."""
+        return self._gather("queries", image_indices, timesteps)
+
+    def latents(self, image_indices: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Reconstruction latents [B, 4, h, w] (float32, CPU) fed to the UNet at these timesteps."""
+        return self._gather("latents", image_indices, timesteps)
+
+    def bytes_per_image(self) -> int:
+        return math.ceil(sum(f.stat().st_size for f in self.files) / len(self.files))
+
+
+def open_bank(folder: str | os.PathLike, images: Sequence[Path], settings: BankSettings | None = None) -> QueryBank:
+    """The bank of ``images`` in ``folder`` (one ``<stem>.safetensors`` each), checked before training.
+
+    Each file must exist and come from the same image bytes; with ``settings`` its metadata must
+    match them too. Errors name the file and say how to rebuild.
+    """
+    folder = Path(folder)
+    images = [Path(p) for p in images]
+    check_distinct_stems(images)
+    missing = [bank_file(folder, image).name for image in images if not bank_file(folder, image).is_file()]
+    if missing:
+        raise InputDataError(
+            f"The PDM bank folder {folder} lacks {', '.join(missing)}: build it with `python -m pdm_lightning.features "
+            f"... --out {folder}` for the same instance images, or let training build its cache."
+        )
+    base = None
+    if settings is not None:
+        base = settings.metadata(
+            model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant)
+        )
+    for image in images:
+        path = bank_file(folder, image)
+        expected = {**(base or {}), "image_sha256": file_sha256(image)}
+        differences = metadata_differences(read_metadata(path), expected)
+        if differences:
+            raise InputDataError(
+                f"{path} does not match this run ({'; '.join(differences)}): rebuild it with the run's settings "
+                "(python -m pdm_lightning.features) or point training at the right folder."
+            )
+    return QueryBank([bank_file(folder, image) for image in images])
+

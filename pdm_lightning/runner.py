@@ -1,0 +1,168 @@
+"""Train and evaluate every subject of a DreamBench-style folder, then tabulate the metrics.
+
+    python -m pdm_lightning.runner --dreambench ../shared/dreambench --config configs/sd15.yaml \
+        --out runs/dreambench [--subjects dog cat] [-- --trainer.max_steps 400 ...]
+
+For each subject folder (its class read from ``prompts_and_classes.txt``) it runs ``train.py fit``
+and then ``train.py test`` (the DreamBench evaluation) with the given config plus per-subject
+settings: instance photos, prompts "a photo of <identifier> <class>" / "a photo of <class>", one
+class-image folder per class (shared by subjects of the same class), one run folder per subject.
+A subject is finished when ``<out>/<subject>/DONE.json`` exists; finished subjects are skipped on a
+re-run, and an interrupted one resumes its training from its ``last.ckpt``. After each subject the
+table ``<out>/results.{csv,md,png}`` (subject x metric, plus the mean) is rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdm_lightning.atomic import write_bytes_atomically
+from pdm_lightning.data.images import InputDataError
+from pdm_lightning.evaluation.prompts import parse_prompts_and_classes
+from pdm_lightning.evaluation.report import write_subject_table
+from pdm_lightning.generate import slugify
+
+PROMPTS_FILE = "prompts_and_classes.txt"
+DONE_MARKER = "DONE.json"
+METRICS_FILE = Path("eval") / "test" / "metrics.json"
+
+Command = Callable[[list[str]], None]
+"""Runs one train.py command line (subcommand first)."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    class_noun: str
+    folder: Path
+
+
+def find_subjects(dreambench: Path, selected: Sequence[str] | None = None) -> tuple[list[Subject], Path]:
+    """The subjects of a DreamBench-style folder (all of them in name order, or ``selected`` in that order)."""
+    prompts_file = dreambench / PROMPTS_FILE
+    classes = parse_prompts_and_classes(prompts_file).classes
+    names = list(selected) if selected else sorted(n for n in classes if (dreambench / n).is_dir())
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise InputDataError(f"{', '.join(unknown)} not in the classes table of {prompts_file}: add a 'subject,class' line or fix --subjects.")
+    missing = [n for n in names if not (dreambench / n).is_dir()]
+    if missing:
+        raise InputDataError(f"No subject folder {dreambench / missing[0]}: fix --subjects or --dreambench.")
+    return [Subject(n, classes[n], dreambench / n) for n in names], prompts_file
+
+
+def subject_arguments(subject: Subject, config: str | None, out: Path, identifier: str, prompts_file: Path, extra: Sequence[str]) -> list[str]:
+    """The CLI arguments (without subcommand) shared by the subject's fit and test."""
+    return [
+        *(["--config", str(config)] if config else []),
+        "--data.instance_data_dir", str(subject.folder),
+        "--data.instance_prompt", f"a photo of {identifier} {subject.class_noun}",
+        "--data.class_prompt", f"a photo of {subject.class_noun}",
+        "--data.class_data_dir", str(out / "class_images" / slugify(subject.class_noun)),
+        "--data.evaluation.prompts_file", str(prompts_file),
+        "--trainer.logger.init_args.save_dir", str(out / subject.name),
+        *extra,
+    ]
+
+
+def checkpoint_to_test(run_dir: Path, which: str) -> Path:
+    """``last.ckpt``, or for ``best`` the QualityCheckpoint's best one (last.ckpt when there is none)."""
+    checkpoints = run_dir / "checkpoints"
+    if which == "best":
+        best = sorted(checkpoints.glob("best-*.ckpt"))
+        if best:
+            return best[-1]
+    last = checkpoints / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(f"{last} is missing after fit: check the run's log (checkpoint settings).")
+    return last
+
+
+def subprocess_command(args: list[str]) -> None:
+    """Each command in its own process: GPU memory is released between subjects and DDP launches normally."""
+    completed = subprocess.run([sys.executable, "-m", "pdm_lightning.cli", *args])
+    if completed.returncode != 0:
+        raise RuntimeError(f"`train.py {args[0]}` failed with exit code {completed.returncode}: see its output above.")
+
+
+def in_process_command(args: list[str]) -> None:
+    """Runs the command in this process (faster start; single device only)."""
+    from pdm_lightning.cli import cli_main
+
+    cli_main(args)
+
+
+def run_subject(subject: Subject, args: list[str], run_dir: Path, checkpoint: str, command: Command) -> dict[str, float]:
+    """fit (resuming from last.ckpt if an earlier attempt stopped) then test; returns the metrics."""
+    command(["fit", *args, "--ckpt_path", "last"])
+    ckpt = checkpoint_to_test(run_dir, checkpoint)
+    # Class images are needed for training only: the evaluation skips checking them.
+    command(["test", *args, "--data.with_prior_preservation", "false", "--ckpt_path", str(ckpt)])
+    report = json.loads((run_dir / METRICS_FILE).read_text())
+    return report["metrics"]
+
+
+def run_benchmark(
+    dreambench: Path,
+    out: Path,
+    config: str | None = None,
+    subjects: Sequence[str] | None = None,
+    identifier: str = "sks",
+    checkpoint: str = "last",
+    extra: Sequence[str] = (),
+    command: Command = subprocess_command,
+) -> dict[str, dict[str, float]]:
+    """Trains and evaluates each subject not finished yet; returns subject -> metrics and writes the table."""
+    found, prompts_file = find_subjects(Path(dreambench), subjects)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, float]] = {}
+    for index, subject in enumerate(found, start=1):
+        run_dir = out / subject.name
+        marker = run_dir / DONE_MARKER
+        if marker.is_file():
+            print(f"[{index}/{len(found)}] {subject.name}: finished earlier, skipped")
+            results[subject.name] = json.loads(marker.read_text())["metrics"]
+            continue
+        print(f"[{index}/{len(found)}] {subject.name} ({subject.class_noun})")
+        args = subject_arguments(subject, config, out, identifier, prompts_file, extra)
+        metrics = run_subject(subject, args, run_dir, checkpoint, command)
+        results[subject.name] = metrics
+        marker_text = json.dumps({"subject": subject.name, "class": subject.class_noun, "metrics": metrics}, indent=2)
+        write_bytes_atomically(marker, marker_text.encode())
+        write_subject_table(out, results)
+    if results:
+        write_subject_table(out, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dreambench", required=True, type=Path, help="folder of subject folders + prompts_and_classes.txt")
+    parser.add_argument("--config", help="train.py config used for every subject (e.g. configs/sd15.yaml)")
+    parser.add_argument("--out", required=True, type=Path, help="one run folder per subject, the class images and the table")
+    parser.add_argument("--subjects", nargs="+", help="only these subjects (default: all of the classes table)")
+    parser.add_argument("--identifier", default="sks", help="rare token bound to each subject (default: sks)")
+    parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                        help="checkpoint to evaluate: last.ckpt, or the QualityCheckpoint's best (needs --quality_checkpoint.every_n_train_steps)")
+    parser.add_argument("--in_process", action="store_true", help="run fit/test in this process (single device; default: a subprocess each)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: extra train.py options for every subject")
+    args = parser.parse_args(argv)
+    extra = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    try:
+        results = run_benchmark(args.dreambench, args.out, args.config, args.subjects, args.identifier, args.checkpoint,
+                                extra, in_process_command if args.in_process else subprocess_command)
+    except InputDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{len(results)} subjects -> {args.out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
