@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from pdm_lightning.export.pipeline import pipeline_state_dicts, single_file_checkpoint, write_pipeline_folder, write_single_file
@@ -111,3 +111,19 @@ def test_sd2_text_encoder_is_refused_with_the_fix(tiny_pipeline: StableDiffusion
     with pytest.raises(UnsupportedModelError, match="--export.single_file false"):
         check_single_file_support(tiny_pipeline.unet.config, tiny_pipeline.vae.config, config)
     check_single_file_support(tiny_pipeline.unet.config, tiny_pipeline.vae.config, tiny_pipeline.text_encoder.config)
+
+
+def test_vae_with_sd15s_two_layers_per_block_round_trips(tmp_path: Path, tiny_pipeline: StableDiffusionPipeline) -> None:
+    # The tiny VAE has one resnet per level; SD1.5's has two (three in the decoder), as built here.
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32), layers_per_block=2, latent_channels=4, norm_num_groups=8,
+    )
+    pipeline = StableDiffusionPipeline(**{**tiny_pipeline.components, "vae": vae})
+    folder, file = tmp_path / "pipeline", tmp_path / "model.safetensors"
+    write_pipeline_folder(pipeline, folder)
+    checkpoint = single_file_checkpoint(pipeline)
+    assert "first_stage_model.decoder.up.0.block.2.conv2.weight" in checkpoint  # decoder level 3 of diffusers
+    assert "first_stage_model.encoder.down.0.block.1.norm1.weight" in checkpoint
+    write_single_file(checkpoint, file)
+    verify_single_file(file, folder, checkpoint, pipeline_state_dicts(pipeline))

@@ -129,8 +129,13 @@ class SampleImages(L.Callback):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname / f"step_{step:06d}"  # every rank
         written: list[Path] = []
         if trainer.is_global_zero:
+            # The PDM query hook records every UNet call; hand back what it held before sampling.
+            capture = getattr(pl_module, "query_capture", None)
+            captured = capture.output if capture is not None else None
             with preserved_training_state(pl_module), trainer.precision_plugin.forward_context():
                 written = self._sample_to(out_dir, trainer, pl_module)
+            if capture is not None:
+                capture.output = captured
             rank_zero_info(f"Sampled {len(written)} images at step {step} into {out_dir}")
         trainer.strategy.barrier("sample_images")
         return written

@@ -69,53 +69,59 @@ def export_weights(module, destination: Path, options: ExportOptions) -> list[Pa
     every output is loaded back and compared with what was meant to be written.
     """
     dtype = DTYPES[options.dtype]
-    is_lora = is_lora_module(module)
     written: list[Path] = []
-    pipeline = None
-    if is_lora:
-        unet_layers = lora_layers(module.unet)
-        text_encoder_layers = lora_layers(module.text_encoder) if has_lora(module.text_encoder) else {}
-        base = None
-        if options.verify or options.wants_pipeline(is_lora):
-            hparams = module.hparams
-            base = load_pipeline(hparams.pretrained_model_name_or_path, hparams.revision, hparams.variant, torch.float32)
-            base.set_progress_bar_config(disable=True)
-        lora_folder = destination / options.lora_dirname
-        if options.lora_folder or options.wants_pipeline(is_lora):  # the merged pipeline is fused from the folder
-            tensors = write_lora_folder(lora_folder, module.unet, module.text_encoder, dtype)
-            if options.verify:
-                check_file(lora_folder / LORA_WEIGHT_NAME, tensors)
-                verify_lora_loads(base, lora_folder, unet_layers, text_encoder_layers, dtype)
-            written.append(lora_folder)
-        if options.lora_kohya:
-            kohya_file = destination / options.kohya_file_name()
-            tensors = write_kohya_file(
-                kohya_file, unet_layers, text_encoder_layers, dtype, str(module.hparams.pretrained_model_name_or_path)
-            )
-            if options.verify:
-                check_file(kohya_file, tensors)
-                verify_lora_loads(base, kohya_file, unet_layers, text_encoder_layers, dtype)
-            written.append(kohya_file)
-        if options.wants_pipeline(is_lora):
-            pipeline = merged_lora_pipeline(base, lora_folder, dtype)
-    elif options.wants_pipeline(is_lora):
-        pipeline = fine_tuned_pipeline(module, dtype)
-
+    if is_lora_module(module):
+        pipeline = _export_lora(module, destination, options, dtype, written)
+    else:
+        pipeline = fine_tuned_pipeline(module, dtype) if options.wants_pipeline(is_lora=False) else None
     if pipeline is not None:
-        folder = destination / options.pipeline_dirname
-        write_pipeline_folder(pipeline, folder)
-        expected = pipeline_state_dicts(pipeline)
-        if options.verify:
-            verify_pipeline_folder(folder, expected)
-        written.append(folder)
-        if options.single_file:
-            single_file = destination / options.single_file_name()
-            checkpoint = single_file_checkpoint(pipeline)
-            write_single_file(checkpoint, single_file)
-            if options.verify:
-                verify_single_file(single_file, folder, checkpoint, expected)
-            written.append(single_file)
+        _export_pipeline(pipeline, destination, options, written)
     rank_zero_info(
         f"Exported {', '.join(str(path) for path in written)}" + (" (each loaded back and checked)" if options.verify else "")
     )
     return written
+
+
+def _export_lora(module, destination: Path, options: ExportOptions, dtype: torch.dtype, written: list[Path]):  # noqa: ANN001, ANN202
+    """The LoRA files; returns the merged pipeline when one is asked for, else None."""
+    unet_layers = lora_layers(module.unet)
+    text_encoder_layers = lora_layers(module.text_encoder) if has_lora(module.text_encoder) else {}
+    merge = options.wants_pipeline(is_lora=True)
+    base = None  # the base model without adapters, float32: what the LoRA files are loaded into
+    if options.verify or merge:
+        hparams = module.hparams
+        base = load_pipeline(hparams.pretrained_model_name_or_path, hparams.revision, hparams.variant, torch.float32)
+        base.set_progress_bar_config(disable=True)
+    lora_folder = destination / options.lora_dirname
+    if options.lora_folder or merge:  # the merged pipeline is fused from the folder
+        tensors = write_lora_folder(lora_folder, module.unet, module.text_encoder, dtype)
+        if options.verify:
+            check_file(lora_folder / LORA_WEIGHT_NAME, tensors)
+            verify_lora_loads(base, lora_folder, unet_layers, text_encoder_layers, dtype)
+        written.append(lora_folder)
+    if options.lora_kohya:
+        kohya_file = destination / options.kohya_file_name()
+        base_model = str(module.hparams.pretrained_model_name_or_path)
+        tensors = write_kohya_file(kohya_file, unet_layers, text_encoder_layers, dtype, base_model)
+        if options.verify:
+            check_file(kohya_file, tensors)
+            verify_lora_loads(base, kohya_file, unet_layers, text_encoder_layers, dtype)
+        written.append(kohya_file)
+    return merged_lora_pipeline(base, lora_folder, dtype) if merge else None
+
+
+def _export_pipeline(pipeline, destination: Path, options: ExportOptions, written: list[Path]) -> None:  # noqa: ANN001
+    """The pipeline folder, then the single file, whose load-back uses that folder as its config."""
+    folder = destination / options.pipeline_dirname
+    write_pipeline_folder(pipeline, folder)
+    expected = pipeline_state_dicts(pipeline)
+    if options.verify:
+        verify_pipeline_folder(folder, expected)
+    written.append(folder)
+    if options.single_file:
+        single_file = destination / options.single_file_name()
+        checkpoint = single_file_checkpoint(pipeline)
+        write_single_file(checkpoint, single_file)
+        if options.verify:
+            verify_single_file(single_file, folder, checkpoint, expected)
+        written.append(single_file)
