@@ -153,21 +153,27 @@ def propose_identifiers(
 
 
 def infer_identifier(instance_prompt: str, class_prompt: str | None) -> tuple[str | None, str | None]:
-    """(identifier, class noun) read off the prompts: "a photo of sks dog" vs "a photo of dog" -> (sks, dog).
+    """(identifier, class noun) read off the two training prompts.
 
-    The identifier is the one instance-prompt word missing from the class prompt; the class noun the
-    word after it, when the class prompt has it. (None, None) when the prompts do not say.
+    The words both prompts start and end with are their shared frame; the one instance-prompt word
+    left between them is the identifier and the class prompt's shared ending is the class noun:
+    "a photo of sks dog" / "a photo of dog" -> (sks, dog); "a photo of sks stuffed animal" /
+    "a photo of stuffed animal" -> (sks, stuffed animal). None where the prompts do not say
+    (no class prompt, no shared ending, or several candidate words).
     """
     if not class_prompt:
         return None, None
-    instance_words = re.findall(r"[\w-]+", instance_prompt.lower())
-    class_words = set(re.findall(r"[\w-]+", class_prompt.lower()))
-    extra = [i for i, word in enumerate(instance_words) if word not in class_words]
-    if len(extra) != 1:
+    instance, cls = re.findall(r"[\w-]+", instance_prompt.lower()), re.findall(r"[\w-]+", class_prompt.lower())
+    prefix = 0
+    while prefix < min(len(instance), len(cls)) and instance[prefix] == cls[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(instance), len(cls)) - prefix and instance[-1 - suffix] == cls[-1 - suffix]:
+        suffix += 1
+    between = instance[prefix : len(instance) - suffix]
+    if len(between) != 1:
         return None, None
-    position = extra[0]
-    following = instance_words[position + 1] if position + 1 < len(instance_words) else None
-    return instance_words[position], following if following in class_words else None
+    return between[0], " ".join(cls[len(cls) - suffix :]) or None
 
 
 def load_tokenizer(model_or_tokenizer: str) -> PreTrainedTokenizerBase:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from pdm_lightning.callbacks.export import ExportPipeline
+from pdm_lightning.callbacks.export import ExportWeights
 from pdm_lightning.cli import cli_main
 from pdm_lightning.data.datamodule import DreamBoothDataModule
 from pdm_lightning.model.module import DreamBoothModule
@@ -29,7 +29,7 @@ def test_config_instantiates(config: Path, tmp_path: Path, monkeypatch: pytest.M
     assert cli.model.unet is None  # nothing loaded before fit
     # The base model is set once and linked into the data module.
     assert cli.datamodule.hparams.pretrained_model_name_or_path == cli.model.hparams.pretrained_model_name_or_path
-    assert any(isinstance(cb, ExportPipeline) for cb in cli.trainer.callbacks)
+    assert any(isinstance(cb, ExportWeights) for cb in cli.trainer.callbacks)
     assert cli.trainer.checkpoint_callback is not None
 
 
@@ -56,3 +56,24 @@ def test_print_config_lists_options(capsys: pytest.CaptureFixture[str]) -> None:
                    "with_prior_preservation", "prior_loss_weight", "resolution", "train_text_encoder", "learning_rate"):
         assert f"{option}:" in printed
     assert "# folder with the 3-5 photos of the subject" in printed  # each option's help above it
+
+
+@pytest.mark.parametrize(
+    ("config", "lora", "pdm_weight"),
+    [("sd15_lora.yaml", True, None), ("sd15_pdm.yaml", False, 0.1), ("sd15_lora_pdm.yaml", True, 0.05)],
+)
+def test_sd15_variants_carry_the_anchor_settings(
+    config: str, lora: bool, pdm_weight: float | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """METHOD.md: lr 1e-4 and rank 4 for LoRA, 1e-6 full; PDM weight 0.1 full / 0.05 LoRA, faithful bank."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["--config", str(REPO_ROOT / "configs" / config), "--trainer.accelerator", "cpu"], run=False)
+    model, data = cli.model.hparams, cli.datamodule
+    assert model.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert data.hparams.resolution == 512 and cli.trainer.max_steps == 700
+    assert model.learning_rate == (1e-4 if lora else 1e-6)
+    assert (cli.model.lora is not None) == lora and (not lora or cli.model.lora.rank == 4)
+    assert model.use_pdm_loss == (pdm_weight is not None) == data.hparams.use_pdm_loss
+    if pdm_weight is not None:
+        assert model.pdm_loss_weight == pdm_weight
+        assert data.pdm_features.inversion_steps is None and data.pdm_features.dtype == "float16"

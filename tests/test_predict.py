@@ -166,14 +166,14 @@ def test_train_predict_and_predict_checkpoint_agree(
     tmp_path: Path, tiny_model_dir: Path, instance_dir: Path, lora: bool
 ) -> None:
     from conftest import quickstart_args
-    from pdm_lightning.callbacks.export import ExportPipeline
+    from pdm_lightning.callbacks.export import ExportWeights
     from pdm_lightning.cli import cli_main
 
     run_dir = tmp_path / "run"
     lora_args = ["--model.lora.rank", "4", "--model.learning_rate", "1e-2"] if lora else []
     fit = build_cli(run_dir, tiny_model_dir, instance_dir, "--trainer.max_steps", "2", "--samples.at_fit_end", "false",
                     "--samples.every_n_train_steps", "0", *lora_args)
-    fit.trainer.callbacks = [c for c in fit.trainer.callbacks if not isinstance(c, ExportPipeline)]  # not needed here
+    fit.trainer.callbacks = [c for c in fit.trainer.callbacks if not isinstance(c, ExportWeights)]  # not needed here
     fit.trainer.fit(fit.model, datamodule=fit.datamodule)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
 

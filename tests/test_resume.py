@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import build_cli
+from conftest import REPO_ROOT, build_cli
 
 
 class InterruptAtStep(L.Callback):
@@ -26,9 +26,21 @@ def trained_weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
 
 
-@pytest.mark.parametrize("prior_preservation", [False, True])
+VARIANTS = {
+    "dreambooth": [],
+    "prior": ["--data.with_prior_preservation", "true"],
+    # Adapters with dropout (its RNG must resume too), text-encoder LoRA, the PDM chunk with masks.
+    "lora_pdm": [
+        "--model.lora.rank", "4", "--model.lora.dropout", "0.1", "--model.use_pdm_loss", "true",
+        "--data.pdm_features.inversion_steps", "6", "--data.masks.mask_pdm_loss", "true",
+        "--data.masks.mask_instance_loss", "true",
+    ],
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_resume_matches_uninterrupted_run(
-    tmp_path: Path, tiny_model_dir: Path, instance_dir: Path, prior_preservation: bool
+    tmp_path: Path, tiny_model_dir: Path, instance_dir: Path, variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 5 photos, batch 2: 3 batches an epoch, so the crash (step 4) and the checkpoint it resumes
     # from (step 2) are mid-epoch and the run crosses epoch boundaries; warm-up + linear decay make
@@ -37,9 +49,12 @@ def test_resume_matches_uninterrupted_run(
         "--trainer.max_steps", "7", "--checkpoint.every_n_train_steps", "2",
         "--model.learning_rate", "1e-3", "--model.offset_noise", "0.05",
         "--model.optimizer.lr_scheduler", "linear", "--model.optimizer.lr_warmup_steps", "2",
-        "--data.with_prior_preservation", str(prior_preservation).lower(),
         "--data.num_class_images", "3", "--data.class_generation.num_inference_steps", "2",
+        "--samples.at_fit_end", "false", *VARIANTS[variant],
     ]
+    if variant == "lora_pdm":
+        monkeypatch.setenv("PDM_LIGHTNING_CACHE", str(tmp_path / "bank-cache"))
+        overrides += ["--data.masks.instance_mask_dir", str(REPO_ROOT / "examples" / "dog_masks")]
     straight = build_cli(tmp_path / "straight", tiny_model_dir, instance_dir, *overrides)
     straight.trainer.fit(straight.model, datamodule=straight.datamodule)
     expected = trained_weights(straight.model)

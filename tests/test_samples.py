@@ -13,7 +13,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
 from conftest import build_cli
-from pdm_lightning.callbacks.export import ExportPipeline
+from pdm_lightning.callbacks.export import ExportWeights
 from pdm_lightning.callbacks.samples import SampleImages, preserved_training_state
 
 # LoRA with dropout: training draws from the global RNG and depends on train mode, so a callback
@@ -52,7 +52,7 @@ class RecordState(L.Callback):
 
 def fit(run_dir: Path, model_dir: Path, instance_dir: Path, callbacks: list[L.Callback]) -> L.LightningModule:
     cli = build_cli(run_dir, model_dir, instance_dir, *LORA_FIT)
-    others = [c for c in cli.trainer.callbacks if not isinstance(c, (ExportPipeline, SampleImages))]
+    others = [c for c in cli.trainer.callbacks if not isinstance(c, (ExportWeights, SampleImages))]
     cli.trainer.callbacks = others[:1] + callbacks + others[1:]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli.model

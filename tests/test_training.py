@@ -115,3 +115,19 @@ def test_last_checkpoint_holds_the_final_step_between_save_steps(
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+def test_lora_checkpoint_holds_only_the_adapters(tmp_path: Path, tiny_model_dir: Path, instance_dir: Path) -> None:
+    """A rank-4 LoRA checkpoint holds adapter weights only: a small fraction of a full fine-tune's."""
+    sizes = {}
+    for name, extra in (("full", []), ("lora", ["--model.lora.rank", "4"])):
+        cli = build_cli(tmp_path / name, tiny_model_dir, instance_dir, "--trainer.max_steps", "1",
+                        "--samples.at_fit_end", "false", *extra)
+        fit(cli)
+        checkpoint = tmp_path / name / "checkpoints" / "last.ckpt"
+        sizes[name] = checkpoint.stat().st_size
+        state = torch.load(checkpoint, weights_only=False)["state_dict"]
+        if name == "lora":
+            assert state and all("lora_" in key for key in state)
+            assert len(state) == len(cli.model.trainable_state_keys())
+    assert sizes["lora"] < sizes["full"] / 10

@@ -105,6 +105,3 @@ class ExportWeights(L.Callback):
         if failure is not None:
             raise RuntimeError(f"The export on rank 0 failed: {failure}")
 
-
-# The callback's earlier name, still used by tests/test_configs.py.
-ExportPipeline = ExportWeights

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdm_lightning.data.images import InputDataError
+from pdm_lightning.identifier import infer_identifier
 
 LIVE_SUBJECT_CLASSES = frozenset({"cat", "dog"})
 
@@ -112,29 +113,14 @@ def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
 
 
 def split_identifier_and_class(instance_prompt: str, class_prompt: str | None) -> tuple[str, str]:
-    """Identifier and class noun from the two training prompts.
-
-    ``("a photo of sks dog", "a photo of dog")`` -> ``("sks", "dog")``: the class noun is what the
-    class prompt adds after the words both prompts start with, the identifier is what the instance
-    prompt has in between.
-    """
-    if not class_prompt:
-        raise InputDataError(
-            "The evaluation needs the identifier and class noun: set data.class_prompt (e.g. 'a photo of dog') or "
-            "--data.evaluation.identifier sks --data.evaluation.class_noun dog."
-        )
-    instance, cls = instance_prompt.split(), class_prompt.split()
-    prefix = 0
-    while prefix < min(len(instance), len(cls)) and instance[prefix] == cls[prefix]:
-        prefix += 1
-    class_words = cls[prefix:]
-    identifier = instance[prefix : len(instance) - len(class_words)]
-    if not class_words or instance[len(instance) - len(class_words) :] != class_words or not identifier:
+    """Identifier and class noun from the two training prompts (``identifier.infer_identifier``), or a clear error."""
+    identifier, class_noun = infer_identifier(instance_prompt, class_prompt)
+    if identifier is None or class_noun is None:
         raise InputDataError(
             f"Cannot tell identifier and class noun apart in instance prompt {instance_prompt!r} and class prompt "
-            f"{class_prompt!r}: set --data.evaluation.identifier and --data.evaluation.class_noun."
+            f"{class_prompt!r}: set --data.evaluation.identifier and --data.evaluation.class_noun (e.g. sks, dog)."
         )
-    return " ".join(identifier), " ".join(class_words)
+    return identifier, class_noun
 
 
 def evenly_spaced(items: tuple[str, ...] | list[str], count: int | None) -> list[str]:

@@ -181,12 +181,18 @@ class DreamBoothModule(L.LightningModule):
         latent_dist = self.vae.encode(pixel_values.to(dtype=self.vae.dtype)).latent_dist
         return latent_dist.sample(generator=generator).float() * self.vae.config.scaling_factor
 
+    def _step_seed(self, *stream: int) -> int:
+        # From the global batch counter (restored on resume) and the rank: a resumed run draws exactly
+        # what an uninterrupted one would, and each rank draws its own.
+        return derive_seed(self.hparams.noise_seed, self.global_rank, self.trainer.fit_loop.total_batch_idx, *stream)
+
     def _step_generator(self) -> torch.Generator:
-        # Seeded from the global batch counter (restored on resume) and the rank, so a resumed run
-        # draws exactly the noise an uninterrupted one would, and each rank draws its own.
-        batch_counter = self.trainer.fit_loop.total_batch_idx
-        seed = derive_seed(self.hparams.noise_seed, self.global_rank, batch_counter)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(self._step_seed())
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # LoRA dropout (like anything drawing from the global RNG) then depends only on the step:
+        # Lightning checkpoints hold no RNG state, so this is what makes resumes with dropout exact.
+        torch.manual_seed(self._step_seed(1))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = self._step_generator()
