@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from conftest import REPO_ROOT, quickstart_args
 
 
@@ -16,8 +18,11 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, tiny_model_dir: Path, instance
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "3",
         "--data.with_prior_preservation", "true", "--data.num_class_images", "4",
         "--data.class_generation.num_inference_steps", "2",
+        # The PDM chunk with masks: the bank is built once (rank 0) and every rank reads it.
+        "--model.use_pdm_loss", "true", "--data.pdm_features.inversion_steps", "4",
+        "--data.masks.instance_mask_dir", str(REPO_ROOT / "examples" / "dog_masks"), "--data.masks.mask_pdm_loss", "true",
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PDM_LIGHTNING_CACHE": str(tmp_path / "bank-cache")}
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), "fit", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -27,3 +32,8 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, tiny_model_dir: Path, instance
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "run" / "export" / "pipeline" / "model_index.json").is_file()
     assert len(list((tmp_path / "class_images").glob("*.png"))) == 4  # generated once, not once per rank
+    output = result.stderr + result.stdout
+    assert output.count("PDM teacher bank (5 images)") >= 1
+    assert "train/loss_pdm" in set(EventAccumulator(str(tmp_path / "run")).Reload().Tags()["scalars"])
+    banks = list((tmp_path / "bank-cache").glob("*/*.safetensors"))
+    assert len(banks) == 5 and not list((tmp_path / "bank-cache").rglob("*.partial*"))

@@ -120,3 +120,22 @@ def test_pdm_quickstart_config_trains_with_masks_and_previews(pdm_env: Path, tin
     assert {"train/loss_pdm", "train/loss_instance", "train/loss_prior"} <= set(events.Tags()["scalars"])
     assert len(list((run / "masks").glob("*.png"))) == 5
     assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_precomputed_both_mode_folder_serves_either_teacher(pdm_env: Path, tiny_model_dir: Path, instance_dir: Path) -> None:
+    """Banks extracted ahead with `python -m pdm_lightning.features --mode both` train with bank and on-the-fly teachers."""
+    from pdm_lightning.features import main as features_main
+
+    folder = pdm_env / "features"
+    assert features_main([
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--instance_data_dir", str(instance_dir),
+        "--class_prompt", "a photo of dog", "--resolution", "64", "--inversion_steps", "8", "--dtype", "float32",
+        "--mode", "both", "--out", str(folder), "--no_progress",
+    ]) == 0
+    losses = [
+        first_pdm_loss(pdm_env / teacher, tiny_model_dir, instance_dir, "--data.pdm_features.features_dir", str(folder),
+                       "--model.pdm_teacher", teacher)
+        for teacher in ("bank", "on_the_fly")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert not (pdm_env / "bank-cache").exists()  # the user's folder was used, nothing rebuilt in the cache

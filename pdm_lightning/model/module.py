@@ -199,6 +199,11 @@ class DreamBoothModule(L.LightningModule):
         latents = self.encode_images(batch["pixel_values"], generator)
         noise = sample_noise(latents.shape, generator, self.device, self.hparams.offset_noise)
         num_pdm = int(batch.get("num_pdm", 0))
+        if bool(num_pdm) != self.hparams.use_pdm_loss:
+            raise RuntimeError(
+                f"use_pdm_loss is {self.hparams.use_pdm_loss} on the model but the batch {'has' if num_pdm else 'lacks'} "
+                "a PDM chunk: set use_pdm_loss on the data module alike (train.py links them)."
+            )
         num_diffusion = latents.shape[0] - num_pdm  # instance (+ class) chunks; the PDM chunk comes last
         num_timesteps = self.alphas_cumprod.shape[0]
         timesteps = torch.randint(0, num_timesteps, (num_diffusion,), generator=generator, device=self.device)
@@ -225,7 +230,7 @@ class DreamBoothModule(L.LightningModule):
             student = self.query_capture.pop()[num_diffusion:]
             token_mask = None
             if self.hparams.mask_pdm_loss:
-                token_mask = mask_to_tokens(mask_to_latent(batch["pdm_mask"], latents.shape[-2:]), student.shape[1])
+                token_mask = mask_to_tokens(self._latent_mask(batch, "pdm", latents.shape[-2:]), student.shape[1])
             loss_pdm = pdm_loss(student, self.teacher_queries(batch), token_mask)
             total = total + self.hparams.pdm_loss_weight * loss_pdm
             self.log("train/loss_pdm", loss_pdm)
@@ -237,22 +242,27 @@ class DreamBoothModule(L.LightningModule):
         return total
 
     def _diffusion_mask(self, batch: dict[str, Any], num_instance: int, latents: torch.Tensor) -> torch.Tensor | None:
-        """Latent-resolution subject masks for the instance (+ class) chunk; ones where masking is off."""
-        masked = {"instance_mask": (0, num_instance) if self.hparams.mask_instance_loss else None}
-        if self.hparams.mask_prior_loss and latents.shape[0] > num_instance:
-            masked["class_mask"] = (num_instance, latents.shape[0])
-        masked = {key: span for key, span in masked.items() if span is not None}
-        if not masked:
-            return None
-        mask = latents.new_ones(latents.shape[0], 1, *latents.shape[-2:])
-        for key, (start, stop) in masked.items():
-            if key not in batch:
-                raise RuntimeError(
-                    f"mask_{key.removesuffix('_mask')}_loss is on but the batch has no {key}: give the data module "
-                    "subject masks (data.instance_mask_dir or automatic masks)."
-                )
-            mask[start:stop] = mask_to_latent(batch[key], latents.shape[-2:])
+        """Latent-resolution subject masks of the instance (+ class) chunk; ones where masking is off."""
+        chunks = {
+            "instance": (0, num_instance, self.hparams.mask_instance_loss),
+            "class": (num_instance, latents.shape[0], self.hparams.mask_prior_loss),
+        }
+        mask = None
+        for chunk, (start, stop, enabled) in chunks.items():
+            if enabled and stop > start:
+                mask = latents.new_ones(latents.shape[0], 1, *latents.shape[-2:]) if mask is None else mask
+                mask[start:stop] = self._latent_mask(batch, chunk, latents.shape[-2:])
         return mask
+
+    def _latent_mask(self, batch: dict[str, Any], chunk: str, latent_hw: torch.Size) -> torch.Tensor:
+        key = f"{chunk}_mask"
+        if key not in batch:
+            loss = "prior" if chunk == "class" else chunk
+            raise RuntimeError(
+                f"mask_{loss}_loss is on but the batch has no {key}: give the data module subject masks "
+                "(--data.masks.instance_mask_dir, or --data.masks.auto_mask_model)."
+            )
+        return mask_to_latent(batch[key], latent_hw)
 
     def teacher_queries(self, batch: dict[str, Any]) -> torch.Tensor:
         """The pretrained model's queries for the batch's PDM chunk: read from the bank, or recomputed."""

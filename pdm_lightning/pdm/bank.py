@@ -479,10 +479,15 @@ def open_bank(folder: str | os.PathLike, images: Sequence[Path], settings: BankS
         base = settings.metadata(
             model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant)
         )
+    # A "both" bank serves either teacher: the mode must only store what the run reads.
+    wanted_mode = base.pop("mode") if base is not None else None
     for image in images:
         path = bank_file(folder, image)
         expected = {**(base or {}), "image_sha256": file_sha256(image)}
-        differences = metadata_differences(read_metadata(path), expected)
+        found = read_metadata(path)
+        differences = metadata_differences(found, expected)
+        if wanted_mode is not None and found.get("mode") not in (wanted_mode, "both"):
+            differences.append(f"mode: {found.get('mode', '(missing)')!r} != {wanted_mode!r} (or 'both')")
         if differences:
             raise InputDataError(
                 f"{path} does not match this run ({'; '.join(differences)}): rebuild it with the run's settings "
