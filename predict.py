@@ -19,7 +19,7 @@ import sys
 import torch
 
 from pdm_lightning.data.images import InputDataError
-from pdm_lightning.generate import GenerationSettings, collect_prompts, generate_images
+from pdm_lightning.generate import GenerationSettings, chunked, collect_prompts, generate_images, plan_jobs
 from pdm_lightning.model.inference import SCHEDULERS
 from pdm_lightning.model.loading import DTYPES
 from pdm_lightning.predict_sources import build_pipeline
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> list:
         settings = GenerationSettings(
             args.steps, args.guidance_scale, args.negative_prompt, args.scheduler, args.height, args.width
         )
+        chunked(plan_jobs(prompts, args.num_images, args.seed), args.batch_size)
         pipeline, model = build_pipeline(
             args.pipeline, args.pretrained_model_name_or_path, args.lora, args.checkpoint, DTYPES[args.dtype]
         )

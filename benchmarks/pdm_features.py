@@ -15,7 +15,6 @@ import argparse
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.common import add_model_and_threads_arguments, benchmark_workspace  # noqa: E402
 from pdm_lightning.data.images import list_image_files  # noqa: E402
 from pdm_lightning.model.loading import load_components  # noqa: E402
 from pdm_lightning.pdm.bank import BankSettings, QueryBank, build_bank  # noqa: E402
@@ -31,7 +31,7 @@ from pdm_lightning.pdm.bank import BankSettings, QueryBank, build_bank  # noqa: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model_name_or_path", default=None, help="default: the tiny random model, built in a temp folder")
+    add_model_and_threads_arguments(parser)
     parser.add_argument("--instance_data_dir", default=str(REPO_ROOT / "examples" / "dog"))
     parser.add_argument("--num_images", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=64)
@@ -41,17 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compute_dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.pretrained_model_name_or_path
-        if model is None:
-            from pdm_lightning.tiny import save_tiny_pipeline
-
-            model = str(save_tiny_pipeline(Path(tmp) / "tiny-sd"))
+    with benchmark_workspace(args) as (model, tmp):
         images = list_image_files(args.instance_data_dir, "--instance_data_dir")[: args.num_images]
         settings = BankSettings(
             model, "a photo of dog", args.resolution, inversion_steps=args.inversion_steps, dtype=args.dtype,
@@ -62,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        report = build_bank(settings, images, Path(tmp) / "bank", batch_size=args.batch_size, device=device,
+        report = build_bank(settings, images, tmp / "bank", batch_size=args.batch_size, device=device,
                             components=components)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -80,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{report.unet_calls} UNet calls, {seconds / len(images):.2f} s per image, "
             f"{bank.bytes_per_image() / 2**20:.2f} MB per image on disk, {peak}"
         )
-        shutil.rmtree(Path(tmp) / "bank")
+        shutil.rmtree(tmp / "bank")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.common import add_model_and_threads_arguments, benchmark_workspace  # noqa: E402
 from pdm_lightning.cli import cli_main  # noqa: E402
 
 VARIANTS = {
@@ -72,7 +72,7 @@ def run_variant(common: list[str], extra: list[str], steps: int, warmup: int) ->
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "quickstart.yaml"))
-    parser.add_argument("--pretrained_model_name_or_path", default=None, help="default: the tiny model, built in a temp folder")
+    add_model_and_threads_arguments(parser)
     parser.add_argument("--instance_data_dir", default=str(REPO_ROOT / "examples" / "dog"))
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=1)
@@ -82,17 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default=None, help="default: the config's")
     parser.add_argument("--lora_rank", type=int, default=None, help="train LoRA adapters of this rank")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.pretrained_model_name_or_path
-        if model is None:
-            from pdm_lightning.tiny import save_tiny_pipeline
-
-            model = str(save_tiny_pipeline(Path(tmp) / "tiny-sd"))
+    with benchmark_workspace(args) as (model, tmp):
         common = [
             "--config", args.config,
             "--model.pretrained_model_name_or_path", model,
@@ -101,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
             "--data.resolution", str(args.resolution),
             "--data.train_batch_size", str(args.batch_size),
             "--data.pdm_features.inversion_steps", str(args.inversion_steps),
-            "--data.pdm_features.cache_dir", str(Path(tmp) / "bank-cache"),
+            "--data.pdm_features.cache_dir", str(tmp / "bank-cache"),
             "--trainer.accelerator", args.accelerator,
-            "--trainer.logger.init_args.save_dir", str(Path(tmp) / "run"),
+            "--trainer.logger.init_args.save_dir", str(tmp / "run"),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--checkpoint.every_n_train_steps", "100000", "--checkpoint.save_last", "false",
             "--samples.at_fit_end", "false",

@@ -15,12 +15,17 @@ TMP_SUFFIX = ".partial"
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     """Writes ``data`` to a temporary sibling, flushes it to disk, then renames it over ``path``."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}{TMP_SUFFIX}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    # A unique temporary name: two processes writing the same path never share (or steal) one.
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def remove_stale_partials(folder: Path) -> None:

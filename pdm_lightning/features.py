@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from pdm_lightning.data.images import InputDataError, validate_image_folder
 from pdm_lightning.pdm.bank import COMPUTE_DTYPES, MODES, STORAGE_DTYPES, BankSettings, QueryBank, build_bank
@@ -47,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out_folder(out: Path, instance_dir: Path) -> None:
+    """Refuses an output folder inside the instance folder: the photos' folder is only ever read."""
+    if out.resolve().is_relative_to(instance_dir.resolve()):
+        raise InputDataError(
+            f"--out {out} lies inside --instance_data_dir {instance_dir}, which is never written to: choose an "
+            "output folder elsewhere, e.g. runs/pdm-bank."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         images = validate_image_folder(args.instance_data_dir, "--instance_data_dir", args.resolution)
+        check_out_folder(Path(args.out), Path(args.instance_data_dir))
         check_model_source(args.pretrained_model_name_or_path, args.revision)
         settings = BankSettings(
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,

@@ -12,8 +12,8 @@ import math
 import re
 import string
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,10 +26,19 @@ from pdm_lightning.data.images import InputDataError
 from pdm_lightning.data.sampler import derive_seed
 from pdm_lightning.model.inference import SCHEDULERS, make_scheduler
 
-# Named placeholders and their positional aliases (``{0}`` identifier, ``{1}`` class noun, as in
+# Positional aliases of the named placeholders (``{0}`` identifier, ``{1}`` class noun, as in
 # DreamBench's prompt lists).
-PLACEHOLDERS = ("identifier", "class_noun")
+POSITIONAL_PLACEHOLDERS = {"0": "identifier", "1": "class_noun"}
 GRID_DIRNAME = "grids"
+# Stable Diffusion's VAE downsamples by 8: the pipeline refuses other image sizes.
+SIZE_MULTIPLE = 8
+
+
+def require_positive(name: str, value: int) -> int:
+    """``value`` when it is at least 1, else an InputDataError naming ``name``."""
+    if value < 1:
+        raise InputDataError(f"{name} must be at least 1, got {value}.")
+    return value
 
 
 @dataclass
@@ -53,10 +62,14 @@ class GenerationSettings:
     width: int | None = None
 
     def __post_init__(self) -> None:
+        # Checked when the settings are made, not when the first image is sampled (after the weights load).
         if self.scheduler not in SCHEDULERS:
             raise InputDataError(f"Unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}.")
-        if self.num_inference_steps < 1:
-            raise InputDataError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}.")
+        require_positive("num_inference_steps", self.num_inference_steps)
+        for name in ("height", "width"):
+            size = getattr(self, name)
+            if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
+                raise InputDataError(f"{name} must be a positive multiple of {SIZE_MULTIPLE} pixels, got {size}.")
 
     def metadata(self) -> dict[str, str]:
         """The settings as PNG text fields."""
@@ -71,7 +84,7 @@ class GenerationSettings:
 
 
 @dataclass
-class PredictSettings:
+class PredictSettings(GenerationSettings):
     """What ``train.py predict`` generates (``--data.predict.*``); written under ``<run>/predictions``.
 
     Args:
@@ -98,17 +111,15 @@ class PredictSettings:
     num_images_per_prompt: int = 4
     seed: int = 0
     batch_size: int = 4
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    negative_prompt: str | None = None
-    scheduler: str = "dpmsolver++"
-    height: int | None = None
-    width: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive("num_images_per_prompt", self.num_images_per_prompt)
+        require_positive("batch_size", self.batch_size)
 
     def generation(self) -> GenerationSettings:
-        return GenerationSettings(
-            self.num_inference_steps, self.guidance_scale, self.negative_prompt, self.scheduler, self.height, self.width
-        )
+        """The sampling part alone (what each predict batch carries)."""
+        return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(GenerationSettings)})
 
 
 @dataclass(frozen=True)
@@ -126,11 +137,6 @@ def slugify(text: str, max_length: int = 60) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:max_length] or "prompt"
 
 
-def image_seed(seed: int, image_index: int) -> int:
-    """The generator seed of image ``image_index`` of any prompt."""
-    return derive_seed(seed, image_index)
-
-
 def fill_prompt(template: str, identifier: str | None = None, class_noun: str | None = None) -> str:
     """``template`` with ``{identifier}``/``{0}`` and ``{class_noun}``/``{1}`` replaced; ``{{`` is a literal brace.
 
@@ -146,7 +152,7 @@ def fill_prompt(template: str, identifier: str | None = None, class_noun: str | 
         pieces.append(literal)
         if name is None:
             continue
-        key = {"0": "identifier", "1": "class_noun"}.get(name, name)
+        key = POSITIONAL_PLACEHOLDERS.get(name, name)
         if key not in values or format_spec or conversion:
             raise InputDataError(
                 f"Prompt {template!r} has an unknown placeholder {{{name}}}: use {{identifier}} / {{0}} or "
@@ -186,11 +192,10 @@ def collect_prompts(
 
 
 def plan_jobs(prompts: Sequence[str], num_images: int, seed: int) -> list[ImageJob]:
-    """Every image to generate, prompt by prompt."""
-    if num_images < 1:
-        raise InputDataError(f"The number of images per prompt must be at least 1, got {num_images}.")
+    """Every image to generate, prompt by prompt; image k of every prompt is seeded with derive_seed(seed, k)."""
+    require_positive("The number of images per prompt", num_images)
     return [
-        ImageJob(prompt_index, prompt, k, image_seed(seed, k))
+        ImageJob(prompt_index, prompt, k, derive_seed(seed, k))
         for prompt_index, prompt in enumerate(prompts)
         for k in range(num_images)
     ]
@@ -216,11 +221,10 @@ def collate_image_jobs(items: Sequence[dict], generation: GenerationSettings, ru
     return {"jobs": list(items), "generation": asdict(generation), "run_seed": run_seed}
 
 
-def chunked(jobs: Sequence[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
-    if batch_size < 1:
-        raise InputDataError(f"batch_size must be at least 1, got {batch_size}.")
-    for start in range(0, len(jobs), batch_size):
-        yield list(jobs[start : start + batch_size])
+def chunked(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]]:
+    """The sampling batches; a list (not a generator) so that a bad batch_size fails at the call."""
+    require_positive("batch_size", batch_size)
+    return [list(jobs[start : start + batch_size]) for start in range(0, len(jobs), batch_size)]
 
 
 def use_scheduler(pipeline: StableDiffusionPipeline, name: str) -> StableDiffusionPipeline:
@@ -324,14 +328,15 @@ def generate_images(
     Returns the image paths (grids excluded), prompt by prompt. ``model`` is recorded in the metadata.
     """
     settings = settings or GenerationSettings()
+    jobs = plan_jobs(prompts, num_images, seed)
+    batches = chunked(jobs, batch_size)  # both checked before anything is written
     use_scheduler(pipeline, settings.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = plan_jobs(prompts, num_images, seed)
     written: list[Path] = []
     with tqdm(total=len(jobs), desc="Generating", unit="img") as progress:
-        for batch in chunked(jobs, batch_size):
+        for batch in batches:
             for job, image in zip(batch, sample_images(pipeline, batch, settings)):
                 written.append(write_image(out_dir, job, image, settings, model, seed))
             progress.update(len(batch))

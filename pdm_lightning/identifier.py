@@ -159,7 +159,9 @@ def infer_identifier(instance_prompt: str, class_prompt: str | None) -> tuple[st
     left between them is the identifier and the class prompt's shared ending is the class noun:
     "a photo of sks dog" / "a photo of dog" -> (sks, dog); "a photo of sks stuffed animal" /
     "a photo of stuffed animal" -> (sks, stuffed animal). None where the prompts do not say
-    (no class prompt, no shared ending, or several candidate words).
+    (no class prompt, no shared ending, or several candidate words). Words both prompts share after
+    the noun stay in it ("sks dog in the snow" / "dog in the snow" -> "dog in the snow"): set the
+    class noun explicitly for such prompts.
     """
     if not class_prompt:
         return None, None

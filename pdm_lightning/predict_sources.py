@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from pdm_lightning.data.images import InputDataError
+from pdm_lightning.export.lora_diffusers import LORA_WEIGHT_NAME
 from pdm_lightning.model.inference import inference_pipeline
 from pdm_lightning.model.loading import check_model_source, load_pipeline
 from pdm_lightning.model.module import DreamBoothModule
@@ -33,18 +34,25 @@ def pipeline_with_lora(
 ) -> StableDiffusionPipeline:
     """The base model with LoRA weights: a diffusers LoRA folder (``pytorch_lora_weights.safetensors``)
     or a single ``.safetensors`` file (diffusers or kohya layout; diffusers converts kohya keys)."""
-    lora_path = _existing(lora, "--lora", "give the exported LoRA folder or a .safetensors file.")
+    weights = lora_weights_file(_existing(lora, "--lora", "give the exported LoRA folder or a .safetensors file."))
     check_model_source(pretrained_model_name_or_path)
     pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype)
-    if lora_path.is_file():
-        pipeline.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
-    else:
-        weights = sorted(lora_path.glob("*.safetensors")) + sorted(lora_path.glob("*.bin"))
-        if not weights:
-            raise InputDataError(f"--lora {lora_path} holds no .safetensors/.bin LoRA weights: give the LoRA folder "
-                                 "written by the export (pytorch_lora_weights.safetensors) or the file itself.")
-        pipeline.load_lora_weights(str(lora_path), weight_name=weights[0].name)
+    pipeline.load_lora_weights(str(weights.parent), weight_name=weights.name)
     return pipeline
+
+
+def lora_weights_file(lora: Path) -> Path:
+    """The weights file itself, or the one LoRA weights file of a folder (the export's name preferred)."""
+    if lora.is_file():
+        return lora
+    if (lora / LORA_WEIGHT_NAME).is_file():
+        return lora / LORA_WEIGHT_NAME
+    weights = sorted(lora.glob("*.safetensors")) + sorted(lora.glob("*.bin"))
+    if len(weights) != 1:
+        found = f"several ({', '.join(w.name for w in weights)})" if weights else "no .safetensors/.bin LoRA weights"
+        raise InputDataError(f"--lora {lora} holds {found}: give the LoRA folder written by the export "
+                             f"({LORA_WEIGHT_NAME}) or the weights file itself.")
+    return weights[0]
 
 
 def module_from_checkpoint(
@@ -58,12 +66,9 @@ def module_from_checkpoint(
     recorded in the checkpoint, or from ``pretrained_model_name_or_path`` when it has moved.
     """
     path = _existing(checkpoint, "--checkpoint", "give a .ckpt from <run>/checkpoints (e.g. last.ckpt).")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "hyper_parameters" not in state or "state_dict" not in state:
-        raise InputDataError(f"--checkpoint {path} is not a pdm_lightning training checkpoint (no hyper_parameters / "
-                             "state_dict): give a .ckpt from <run>/checkpoints.")
-    base = pretrained_model_name_or_path or state["hyper_parameters"]["pretrained_model_name_or_path"]
-    check_model_source(base, state["hyper_parameters"].get("revision"))
+    hparams = checkpoint_hyperparameters(path)
+    base = pretrained_model_name_or_path or hparams["pretrained_model_name_or_path"]
+    check_model_source(base, hparams.get("revision"))
     with warnings.catch_warnings():
         # Every frozen weight is "missing" from the checkpoint by design (they come from the base model).
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
@@ -73,13 +78,40 @@ def module_from_checkpoint(
     return module.eval()
 
 
+def checkpoint_hyperparameters(path: Path) -> dict:
+    """The module's saved hyper-parameters, read without loading the weights and optimizer states.
+
+    Memory-mapped: a full fine-tune's checkpoint (weights + AdamW states) is several times the model's
+    size, and Lightning reads all of it again to build the module.
+    """
+    not_a_checkpoint = (f"--checkpoint {path} is not a pdm_lightning training checkpoint (no hyper_parameters / "
+                        "state_dict): give a .ckpt from <run>/checkpoints.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # noqa: BLE001 - unpickling errors of every kind mean the same here
+        raise InputDataError(f"{not_a_checkpoint} ({type(error).__name__})") from error
+    hparams = state.get("hyper_parameters") if isinstance(state, dict) and "state_dict" in state else None
+    if not isinstance(hparams, dict) or "pretrained_model_name_or_path" not in hparams:
+        raise InputDataError(not_a_checkpoint)
+    return dict(hparams)
+
+
+def drop_training_parts(module: DreamBoothModule) -> DreamBoothModule:
+    """Removes what only training uses: the PDM query hook and the on-the-fly teacher's UNet copy."""
+    if module.query_capture is not None:
+        module.query_capture.remove()
+        module.query_capture = None
+    module.teacher_unet = None  # a full UNet copy (full fine-tune, on-the-fly PDM teacher)
+    return module
+
+
 def pipeline_from_checkpoint(
     checkpoint: str | Path,
     pretrained_model_name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> StableDiffusionPipeline:
     """A pipeline over the checkpoint's module (LoRA adapters active, if it trained LoRA)."""
-    module = module_from_checkpoint(checkpoint, pretrained_model_name_or_path)
+    module = drop_training_parts(module_from_checkpoint(checkpoint, pretrained_model_name_or_path))
     if any(p.dtype != dtype for p in module.parameters()):
         module.to(dtype=dtype)
     return inference_pipeline(module)

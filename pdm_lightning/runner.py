@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdm_lightning.atomic import write_bytes_atomically
+from pdm_lightning.callbacks.evaluation import best_scored_checkpoint
 from pdm_lightning.data.images import InputDataError
 from pdm_lightning.evaluation.prompts import parse_prompts_and_classes
 from pdm_lightning.evaluation.report import write_subject_table
@@ -66,18 +67,20 @@ def subject_arguments(subject: Subject, config: str | None, out: Path, identifie
         "--data.class_prompt", f"a photo of {subject.class_noun}",
         "--data.class_data_dir", str(out / "class_images" / slugify(subject.class_noun)),
         "--data.evaluation.prompts_file", str(prompts_file),
+        # name and version empty: the run folder is exactly save_dir, where the runner looks for its outputs.
         "--trainer.logger.init_args.save_dir", str(out / subject.name),
+        "--trainer.logger.init_args.name", "", "--trainer.logger.init_args.version", "",
         *extra,
     ]
 
 
 def checkpoint_to_test(run_dir: Path, which: str) -> Path:
-    """``last.ckpt``, or for ``best`` the QualityCheckpoint's best one (last.ckpt when there is none)."""
+    """``last.ckpt``, or for ``best`` the QualityCheckpoint's highest-scoring one (last.ckpt when there is none)."""
     checkpoints = run_dir / "checkpoints"
     if which == "best":
-        best = sorted(checkpoints.glob("best-*.ckpt"))
-        if best:
-            return best[-1]
+        best = best_scored_checkpoint(checkpoints)
+        if best is not None:
+            return best
     last = checkpoints / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"{last} is missing after fit: check the run's log (checkpoint settings).")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import quickstart_args
+from pdm_lightning.callbacks.evaluation import best_scored_checkpoint, score_file
 from pdm_lightning.cli import cli_main
 from pdm_lightning.data.images import list_image_files, load_rgb_image
 from pdm_lightning.evaluation.embedders import ClipEmbedder, DinoEmbedder
@@ -125,6 +126,10 @@ def test_quality_checkpoint_keeps_the_best_step_and_leaves_training_unchanged(
     assert [p.name for p in best] == [f"best-step={best_step:06d}.ckpt"]
     callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "QualityCheckpoint")
     assert callback.best_model_score.item() == pytest.approx(score[best_step], abs=1e-5)
+    scores = json.loads(score_file(best[0]).read_text())  # what the runner's --checkpoint best ranks by
+    assert scores["step"] == best_step and scores["score"] == pytest.approx(score[best_step], abs=1e-5)
+    assert best_scored_checkpoint(best[0].parent) == best[0]
+    assert sorted(p.name for p in best[0].parent.glob("best-*.json")) == [score_file(best[0]).name]  # removed with its checkpoint
     assert cli.model.training and cli.model.unet.training  # train mode restored
 
     plain = load_file(tmp_path / "plain" / "export" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")

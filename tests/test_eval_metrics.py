@@ -30,6 +30,7 @@ from pdm_lightning.evaluation.prompts import (
     split_identifier_and_class,
 )
 from pdm_lightning.evaluation.report import write_csv_report, write_subject_table
+from pdm_lightning.callbacks.evaluation import undefined_metric_reasons
 from pdm_lightning.evaluation.settings import EvaluationSettings, build_plan
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
@@ -150,3 +151,23 @@ def test_csv_report_and_subject_table(tmp_path: Path) -> None:
     with Image.open(paths[2]) as plot:
         assert plot.format == "PNG" and plot.width > 300
         assert len(set(plot.convert("RGB").getdata())) > 3  # bars drawn, not a blank canvas
+
+
+@pytest.mark.parametrize("bad", [
+    {"num_images_per_prompt": 0}, {"num_inference_steps": 0}, {"batch_size": 0}, {"pres_num_images": -1},
+    {"max_prompts": 0}, {"scheduler": "not_a_sampler"}, {"prompt_set": "custom"}, {"resolution": 60},
+])
+def test_bad_evaluation_settings_fail_when_built(bad: dict) -> None:
+    option = next(iter(bad)) if "prompt_set" not in bad else "prompts"
+    with pytest.raises(InputDataError, match=option):
+        EvaluationSettings(**bad)
+
+
+def test_every_metric_left_out_has_a_reason() -> None:
+    lpips_missing = {"lpips_i": "no torchvision", "lpips_d": "no torchvision"}
+    one_image = {"dino_i": 0.5, "dino_d": None, "clip_d": None, "pres": 0.2}
+    assert undefined_metric_reasons(one_image, lpips_missing) == {"dino_d": "needs 2 or more images per prompt",
+                                                                 "clip_d": "needs 2 or more images per prompt"}
+    # LPIPS loaded but one image per prompt: LPIPS-D is explained too, PRES absent is named.
+    reasons = undefined_metric_reasons({**one_image, "lpips_i": 0.3, "lpips_d": None, "pres": None}, {})
+    assert set(reasons) == {"dino_d", "clip_d", "lpips_d", "pres"}

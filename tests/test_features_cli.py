@@ -74,18 +74,23 @@ def test_cli_refuses_a_folder_built_with_other_settings(tiny_model_dir: Path, in
     assert "built with other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("problem", ["empty folder", "missing model"])
+@pytest.mark.parametrize("problem", ["empty folder", "missing model", "out inside the photos"])
 def test_cli_bad_inputs_give_one_clear_error(problem: str, tiny_model_dir: Path, instance_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    model, instance = tiny_model_dir, instance_dir
+    model, instance, out = tiny_model_dir, instance_dir, tmp_path / "out"
+    before = folder_snapshot(instance_dir)
     if problem == "empty folder":
         instance = tmp_path / "empty"
         instance.mkdir()
-    else:
+    elif problem == "missing model":
         model = tmp_path / "no-such-model"
+    else:
+        out = instance_dir / "bank"
     with pytest.raises(SystemExit) as exit_info:
-        main(cli_args(model, instance, tmp_path / "out"))
+        main(cli_args(model, instance, out))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1
-    assert ("holds no images" in error) if problem == "empty folder" else ("does not exist" in error)
-    assert not (tmp_path / "out").exists()
+    expected = {"empty folder": "holds no images", "missing model": "does not exist", "out inside the photos": "never written"}
+    assert expected[problem] in error
+    assert not out.exists()
+    assert folder_snapshot(instance_dir) == before

@@ -384,6 +384,23 @@ def test_class_masks_warn_on_class_images_without_the_subject(
     assert resolved[images[1]] == nothing and calls == ["dog"]
 
 
+def test_class_masks_are_checked_without_decoding_the_class_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """setup() checks hundreds of class masks on every rank: only the (photo-sized) mask files are read."""
+    photo, mask = photo_with_subject(32, 32, (4, 4, 20, 20))
+    images = [save_image(tmp_path / f"class{i}.png", photo) for i in range(2)]
+    found = save_image(tmp_path / "found.png", mask)
+    monkeypatch.setattr(segmentation, "compute_auto_masks", lambda paths, prompt, **_: {path: found for path in paths})
+
+    def no_photo_decoding(path: Path) -> Image.Image:
+        raise AssertionError(f"decoded the class image {path}")
+
+    monkeypatch.setattr(masks_module, "load_rgb_image", no_photo_decoding)
+    settings = MaskSettings(auto_mask_model="some/clipseg", mask_prior_loss=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a found subject: no warning
+        assert masks_module.resolve_class_masks(images, settings, class_prompt="a photo of dog") == dict.fromkeys(images, found)
+
+
 def test_an_empty_user_mask_stops_the_run(tmp_path: Path) -> None:
     photo, mask = photo_with_subject(32, 32, (4, 4, 20, 20))
     (tmp_path / "masks").mkdir()

@@ -23,8 +23,6 @@ from pdm_lightning.data.images import InputDataError, list_image_files
 from pdm_lightning.model.loading import load_components
 from pdm_lightning.pdm import (
     BankSettings,
-    BankTeacher,
-    OnTheFlyTeacher,
     QueryBank,
     build_bank,
     class_condition,
@@ -196,12 +194,14 @@ def test_faithful_files_hold_every_timestep_with_settings_in_metadata(faithful_b
 def test_on_the_fly_targets_equal_bank_targets(faithful_bank: dict, micro_model_dir: Path, two_images, micro_components) -> None:
     bank = open_bank(faithful_bank["folder"], two_images)
     condition = class_condition(micro_components.tokenizer, micro_components.text_encoder, CLASS_PROMPT)
-    on_the_fly = OnTheFlyTeacher(bank, unet_query_fn(micro_components.unet, condition, MICRO_LAYER))
-    from_bank = BankTeacher(bank)
     images, timesteps = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 999, 37, 640])
-    expected = from_bank.targets(images, timesteps, "cpu", torch.float32)
-    torch.testing.assert_close(on_the_fly.targets(images, timesteps, "cpu", torch.float32), expected, rtol=1e-4, atol=1e-5)
-    assert on_the_fly.targets(images, timesteps, "cpu", torch.float16).dtype == torch.float16
+    expected = bank.queries(images, timesteps)
+    latents = bank.latents(images, timesteps)
+    query = unet_query_fn(micro_components.unet, condition, MICRO_LAYER)
+    torch.testing.assert_close(query(latents, timesteps), expected, rtol=1e-4, atol=1e-5)
+    # Training passes the condition stacked per element ([B, 77, d], as collated): same targets.
+    stacked = unet_query_fn(micro_components.unet, condition.expand(4, -1, -1).clone(), MICRO_LAYER)
+    torch.testing.assert_close(stacked(latents, timesteps), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_reduced_schedule_rows_match_the_reference_loop_on_that_schedule(
@@ -260,6 +260,21 @@ def test_interrupted_build_resumes_per_image(micro_model_dir: Path, micro_compon
     assert not stale.exists() and live.exists()
     live.unlink()
     assert len(open_bank(tmp_path, two_images, settings)) == 2
+
+
+def test_an_interrupted_build_leaves_no_capture_hook_on_the_unet(
+    micro_model_dir: Path, micro_components, two_images, tmp_path: Path
+) -> None:
+    layer = micro_components.unet.get_submodule(MICRO_LAYER)
+    hooks_before = len(layer._forward_hooks)
+    counter = CallCounter(micro_components.unet, fail_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        build_bank(micro_settings(micro_model_dir, inversion_steps=1), two_images[:1], tmp_path, device="cpu",
+                   progress=False, components=micro_components)
+    counter.handle.remove()
+    # A hook left behind would keep capturing (and holding) every later forward of that UNet.
+    assert len(layer._forward_hooks) == hooks_before
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_shards_split_the_images_and_together_make_the_bank(

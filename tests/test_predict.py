@@ -104,6 +104,12 @@ def test_prompt_placeholders_and_prompts_file(tmp_path: Path) -> None:
 
 
 def test_predict_errors_name_the_fix(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    two_loras = tmp_path / "loras"
+    two_loras.mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (two_loras / name).write_bytes(b"")
     cases = [
         (["--pipeline", str(tmp_path / "nope"), "--prompt", "x"], "--pipeline .*nope does not exist"),
         (["--pretrained_model_name_or_path", str(tiny_model_dir), "--lora", str(tmp_path / "l"), "--prompt", "x"],
@@ -113,6 +119,13 @@ def test_predict_errors_name_the_fix(tmp_path: Path, tiny_model_dir: Path, capsy
         (["--pipeline", str(tiny_model_dir), "--prompt", "a {sbj}"], r"unknown placeholder \{sbj\}"),
         (["--pipeline", str(tiny_model_dir)], "No prompt given"),
         (["--prompt", "x"], "exactly one model source"),
+        # Counts and sizes are refused before the weights load, not after (or, for sizes, by diffusers).
+        (["--pipeline", str(tiny_model_dir), "--prompt", "x", "--num_images", "0"], "images per prompt must be at least 1"),
+        (["--pipeline", str(tiny_model_dir), "--prompt", "x", "--batch_size", "0"], "batch_size must be at least 1"),
+        (["--pipeline", str(tiny_model_dir), "--prompt", "x", "--height", "100"], "height must be a positive multiple of 8"),
+        (["--checkpoint", str(not_a_checkpoint), "--prompt", "x"], "not a pdm_lightning training checkpoint"),
+        (["--pretrained_model_name_or_path", str(tiny_model_dir), "--lora", str(two_loras), "--prompt", "x"],
+         r"holds several \(a\.safetensors, b\.safetensors\)"),
     ]
     script = load_predict_script()
     for args, message in cases:
@@ -200,3 +213,47 @@ def test_train_predict_and_predict_checkpoint_agree(
     for ours, reference, plain in zip(standalone, predicted, base):
         assert np.abs(pixels(ours) - pixels(reference)).max() <= 1
         assert np.abs(pixels(ours) - pixels(plain)).mean() > 1, "the checkpoint's weights were not used"
+
+
+def test_settings_are_checked_when_made() -> None:
+    from pdm_lightning.generate import PredictSettings
+
+    with pytest.raises(InputDataError, match="batch_size must be at least 1"):
+        PredictSettings(batch_size=0)
+    with pytest.raises(InputDataError, match="num_images_per_prompt must be at least 1"):
+        PredictSettings(num_images_per_prompt=0)
+    with pytest.raises(InputDataError, match="Unknown scheduler"):
+        PredictSettings(scheduler="dpm")
+    with pytest.raises(InputDataError, match="width must be a positive multiple of 8"):
+        GenerationSettings(width=0)
+    settings = PredictSettings(prompts=["x"], num_inference_steps=3, guidance_scale=2.0, scheduler="ddim", height=64)
+    assert settings.generation() == GenerationSettings(3, 2.0, None, "ddim", 64, None)
+
+
+def test_lora_folder_prefers_the_exported_weights_file(tmp_path: Path) -> None:
+    from pdm_lightning.export.lora_diffusers import LORA_WEIGHT_NAME
+    from pdm_lightning.predict_sources import lora_weights_file
+
+    for name in ("a_other.safetensors", LORA_WEIGHT_NAME):
+        (tmp_path / name).write_bytes(b"")
+    assert lora_weights_file(tmp_path) == tmp_path / LORA_WEIGHT_NAME
+    (tmp_path / LORA_WEIGHT_NAME).unlink()
+    assert lora_weights_file(tmp_path) == tmp_path / "a_other.safetensors"  # the only one
+    assert lora_weights_file(tmp_path / "a_other.safetensors") == tmp_path / "a_other.safetensors"
+    (tmp_path / "a_other.safetensors").unlink()
+    with pytest.raises(InputDataError, match="holds no .safetensors/.bin LoRA weights"):
+        lora_weights_file(tmp_path)
+
+
+def test_prediction_drops_the_training_only_teacher_and_query_hook(tiny_model_dir: Path) -> None:
+    from pdm_lightning.model.module import DreamBoothModule
+    from pdm_lightning.predict_sources import drop_training_parts
+
+    module = DreamBoothModule(str(tiny_model_dir), use_pdm_loss=True, pdm_teacher="on_the_fly")
+    module.configure_model()
+    layer = module.query_capture.module
+    assert module.teacher_unet is not None and layer._forward_hooks
+    drop_training_parts(module)
+    assert module.teacher_unet is None and module.query_capture is None
+    assert not layer._forward_hooks
+    assert not any(name.startswith("teacher_unet.") for name, _ in module.named_parameters())

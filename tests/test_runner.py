@@ -76,3 +76,17 @@ def test_two_subjects_interrupted_then_resumed_without_redoing_the_first(
     assert dino_column[2] == pytest.approx((dino_column[0] + dino_column[1]) / 2, abs=1e-6)
     assert "| **mean** |" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_best_checkpoint_is_the_highest_score_not_the_latest_step(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for step, score in ((2, 0.9), (4, 0.5), (6, 0.7)):
+        (checkpoints / f"best-step={step:06d}.ckpt").write_bytes(b"weights")
+        (checkpoints / f"best-step={step:06d}.json").write_text(json.dumps({"step": step, "score": score}))
+    (checkpoints / "last.ckpt").write_bytes(b"weights")
+    assert runner.checkpoint_to_test(tmp_path, "best").name == "best-step=000002.ckpt"
+    assert runner.checkpoint_to_test(tmp_path, "last").name == "last.ckpt"
+    for scored in checkpoints.glob("best-*"):
+        scored.unlink()
+    assert runner.checkpoint_to_test(tmp_path, "best").name == "last.ckpt"  # no quality checkpoint: last

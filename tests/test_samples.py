@@ -133,3 +133,19 @@ def test_preserved_training_state_restores_rngs_and_each_mode() -> None:
 def test_rejects_a_negative_period() -> None:
     with pytest.raises(ValueError, match="every_n_train_steps"):
         SampleImages(every_n_train_steps=-1)
+
+
+def test_bad_settings_fail_before_training_not_at_the_first_sampling() -> None:
+    from types import SimpleNamespace
+
+    from pdm_lightning.data.images import InputDataError
+
+    with pytest.raises(InputDataError, match="samples.num_images must be at least 1"):
+        SampleImages(num_images=0)
+    with pytest.raises(InputDataError, match="samples.batch_size must be at least 1"):
+        SampleImages(batch_size=0)
+    no_prompt = SimpleNamespace(datamodule=None)
+    with pytest.raises(ValueError, match="SampleImages needs prompts"):
+        SampleImages().on_fit_start(no_prompt, None)
+    SampleImages(every_n_train_steps=0, at_fit_end=False).on_fit_start(no_prompt, None)  # never samples: no prompt needed
+    SampleImages(prompts=["a photo of sks dog"]).on_fit_start(no_prompt, None)

@@ -9,6 +9,7 @@ CLIP-T) every N training steps and keeps the best checkpoints by a weighted scor
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -44,14 +45,13 @@ from pdm_lightning.evaluation.metrics import (
 )
 from pdm_lightning.evaluation.report import (
     METRIC_NAMES,
-    image_grid,
     present_metrics,
     save_png,
     write_csv_report,
     write_json_report,
 )
 from pdm_lightning.evaluation.settings import CLASS, SUBJECT, EvaluationPlan, request_key
-from pdm_lightning.generate import save_png_with_metadata, slugify
+from pdm_lightning.generate import make_grid, save_png_with_metadata, slugify
 
 
 # The data module gives fit no validation batches on purpose (the full evaluation is for validate/test).
@@ -206,10 +206,7 @@ class DreamBenchEvaluation(L.Callback):
         else:
             left_out["lpips_i"] = left_out["lpips_d"] = lpips_message
             rank_zero_warn(lpips_message)
-        for name, reason in (("dino_d", "needs 2 or more images per prompt"), ("clip_d", "needs 2 or more images per prompt"),
-                             ("pres", "pres_num_images is 0")):
-            if metrics.get(name) is None:
-                left_out[name] = reason
+        left_out.update(undefined_metric_reasons(metrics, left_out))
 
         per_prompt = []
         for p, prompt in enumerate(plan.prompts):
@@ -256,9 +253,9 @@ class DreamBenchEvaluation(L.Callback):
         for p, prompt in enumerate(self._plan.prompts):
             images = [_open(r["path"]) for r in subject if r["request"]["prompt_index"] == p]
             if images:
-                grids.append((f"{p:02d}_{slugify(prompt)}", image_grid(images, columns)))
+                grids.append((f"{p:02d}_{slugify(prompt)}", make_grid(images, columns)))
         if cls:
-            grids.append(("class_prompt", image_grid([_open(r["path"]) for r in cls], len(cls))))
+            grids.append(("class_prompt", make_grid([_open(r["path"]) for r in cls], len(cls))))
         for name, grid in grids:
             save_png(grid, out / "grids" / f"{name}.png")
         for logger in trainer.loggers:
@@ -266,6 +263,18 @@ class DreamBenchEvaluation(L.Callback):
                 for name, grid in grids:
                     logger.experiment.add_image(f"eval/{name}", np.asarray(grid), trainer.global_step, dataformats="HWC")
         replace_directory(self._staging, self._out_dir)
+
+
+# Why a metric can be None although its models loaded.
+UNDEFINED_REASONS = {
+    "dino_d": "needs 2 or more images per prompt", "clip_d": "needs 2 or more images per prompt",
+    "lpips_d": "needs 2 or more images per prompt", "pres": "pres_num_images is 0",
+}
+
+
+def undefined_metric_reasons(metrics: dict[str, float | None], left_out: dict[str, str]) -> dict[str, str]:
+    """The reason for each metric that came out None and is not in ``left_out`` yet (every absent metric is explained)."""
+    return {name: reason for name, reason in UNDEFINED_REASONS.items() if metrics.get(name) is None and name not in left_out}
 
 
 def image_file_name(request: dict[str, Any]) -> str:
@@ -286,7 +295,8 @@ class QualityCheckpoint(ModelCheckpoint):
     (spread over the evaluation prompt list of ``--data.evaluation``, same seeds at every step),
     computes DINO-I and CLIP-T, and logs ``eval/dino_i``, ``eval/clip_t`` and
     ``eval/score = dino_weight * DINO-I + clip_t_weight * CLIP-T`` to TensorBoard. Checkpoints go to
-    ``<run>/checkpoints/best-step=NNNNNN.ckpt``. Overfitting shows as CLIP-T falling while DINO-I
+    ``<run>/checkpoints/best-step=NNNNNN.ckpt``, each with its scores beside it in
+    ``best-step=NNNNNN.json`` (:func:`best_scored_checkpoint` picks the best by them). Overfitting shows as CLIP-T falling while DINO-I
     rises. Training continues exactly as without it: generation runs in eval mode without
     gradients, on a forked random state, and restores the modules' train mode.
 
@@ -325,15 +335,29 @@ class QualityCheckpoint(ModelCheckpoint):
         self._embedders: tuple[DinoEmbedder, ClipEmbedder] | None = None
         self._real: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_evaluated_step = -1
+        self._scores: dict[str, float] = {}
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # The file names order checkpoints by step, not by score; the score file says which is best
+        # (also across a resume, where the restored top-k state may not know every file on disk).
+        if trainer.is_global_zero:
+            write_json_report(score_file(filepath), {"checkpoint": Path(filepath).name, "step": trainer.global_step, **self._scores})
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            score_file(filepath).unlink(missing_ok=True)
 
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
         return not self.enabled or super()._should_skip_saving_checkpoint(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.enabled and step % self._every_n_train_steps == 0 and step != self._last_evaluated_step and not trainer.sanity_checking:
+        # step > 0: with gradient accumulation the first micro-batches end at step 0 (untrained weights).
+        if self.enabled and step > 0 and step % self._every_n_train_steps == 0 and step != self._last_evaluated_step and not trainer.sanity_checking:
             self._last_evaluated_step = step
-            scores = self.evaluate(trainer, pl_module)
+            scores = self._scores = self.evaluate(trainer, pl_module)
             # logger=False: the scalars go to the loggers below at this exact step; self.log makes them monitorable.
             pl_module.log_dict({f"eval/{k}": v for k, v in scores.items()}, on_step=True, on_epoch=False, logger=False)
             for logger in trainer.loggers:
@@ -361,6 +385,17 @@ class QualityCheckpoint(ModelCheckpoint):
         dino_i = all_pairs_mean(dino.images(images), self._real[0])
         clip_t = matched_pairs_mean(clip.images(images), prompt_clip)
         return {"dino_i": dino_i, "clip_t": clip_t, "score": self.dino_weight * dino_i + self.clip_t_weight * clip_t}
+
+
+def score_file(checkpoint: str | Path) -> Path:
+    """The JSON beside a QualityCheckpoint checkpoint that holds its step and scores."""
+    return Path(checkpoint).with_suffix(".json")
+
+
+def best_scored_checkpoint(checkpoints: Path) -> Path | None:
+    """The ``best-*.ckpt`` in ``checkpoints`` with the highest ``eval/score`` (None when there is none)."""
+    scored = [(json.loads(score_file(c).read_text())["score"], c) for c in checkpoints.glob("best-*.ckpt") if score_file(c).is_file()]
+    return max(scored)[1] if scored else None
 
 
 def generate_untouched(trainer: L.Trainer, pl_module: L.LightningModule, requests: Sequence[dict], batch_size: int) -> list[Image.Image]:

@@ -29,6 +29,8 @@ class PredictionWriter(BasePredictionWriter):
         self.written: list[Path] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The images are on disk; Lightning would otherwise also keep every one of them in memory.
+        trainer.predict_loop.return_predictions = False
         self.out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname  # every rank: a collective
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.written = []

@@ -20,6 +20,7 @@ from pdm_lightning.generate import (
     chunked,
     make_grid,
     plan_jobs,
+    require_positive,
     sample_images,
     slugify,
     write_image,
@@ -93,10 +94,11 @@ class SampleImages(L.Callback):
         self.prompts = list(prompts) if prompts else None
         self.every_n_train_steps = every_n_train_steps
         self.at_fit_end = at_fit_end
-        self.num_images = num_images
+        # Checked now: a bad value found at the first sampling would stop a run that has trained for a while.
+        self.num_images = require_positive("samples.num_images", num_images)
         self.seed = seed
         self.settings = GenerationSettings(num_inference_steps, guidance_scale, negative_prompt, scheduler)
-        self.batch_size = batch_size
+        self.batch_size = require_positive("samples.batch_size", batch_size)
         self.dirname = dirname
         self._last_sampled_step: int | None = None
 
@@ -109,6 +111,10 @@ class SampleImages(L.Callback):
             raise ValueError("SampleImages needs prompts: set them (--samples.prompts) or use a data module with "
                              "an instance_prompt.")
         return [instance_prompt + context for context in DEFAULT_CONTEXTS]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_train_steps or self.at_fit_end:
+            self.resolve_prompts(trainer)  # no prompt to sample fails before training, not at the first sampling
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
@@ -132,10 +138,12 @@ class SampleImages(L.Callback):
             # The PDM query hook records every UNet call; hand back what it held before sampling.
             capture = getattr(pl_module, "query_capture", None)
             captured = capture.output if capture is not None else None
-            with preserved_training_state(pl_module), trainer.precision_plugin.forward_context():
-                written = self._sample_to(out_dir, trainer, pl_module)
-            if capture is not None:
-                capture.output = captured
+            try:
+                with preserved_training_state(pl_module), trainer.precision_plugin.forward_context():
+                    written = self._sample_to(out_dir, trainer, pl_module)
+            finally:
+                if capture is not None:
+                    capture.output = captured
             rank_zero_info(f"Sampled {len(written)} images at step {step} into {out_dir}")
         trainer.strategy.barrier("sample_images")
         return written

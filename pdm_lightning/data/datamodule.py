@@ -31,6 +31,7 @@ from pdm_lightning.generate import PredictSettings, collate_image_jobs, predict_
 from pdm_lightning.identifier import infer_identifier, warn_about_identifier
 from pdm_lightning.model.loading import check_model_source, load_pipeline
 from pdm_lightning.pdm.bank import (
+    MODEL_HASHES_FILE,
     BankSettings,
     cached_bank_folder,
     class_condition,
@@ -204,7 +205,8 @@ class DreamBoothDataModule(L.LightningDataModule):
 
     def _pdm_targets(self, instance_images: list[Path], tokenizer: CLIPTokenizer) -> BankItems:
         settings = self._bank_settings()
-        bank = open_bank(self._bank_folder(), instance_images, settings)
+        # The model's weights are hashed once and remembered in the cache root (not again on every rank).
+        bank = open_bank(self._bank_folder(), instance_images, settings, self._bank_cache_root() / MODEL_HASHES_FILE)
         condition = None
         if self.hparams.pdm_teacher == "on_the_fly":
             # The pretrained text encoder's class condition (the trained one may drift from it).

@@ -135,7 +135,7 @@ class DreamBoothDataset(Dataset):
         # are the same with PDM on or off.
         timesteps = self.pdm_targets.timesteps
         timestep = int(timesteps[random.Random(derive_seed(crop_seed, 1)).randrange(len(timesteps))])
-        example = {"pdm_timestep": timestep, "instance_index": image_index}
+        example = {"pdm_timestep": timestep}
         self._add_crop(example, "pdm", self.instance_images[image_index], self.instance_masks, None)
         example.update({f"pdm_{name}": value for name, value in self.pdm_targets.item(image_index, timestep).items()})
         return example
@@ -146,7 +146,7 @@ def collate_examples(examples: list[dict[str, Any]], with_prior_preservation: bo
 
     One UNet forward then covers all chunks: [instance, class (prior preservation), PDM]. ``num_instance``
     and ``num_pdm`` tell the losses where the splits are; the PDM chunk's own entries (timesteps, teacher
-    targets, image indices) are stacked under their ``pdm_`` names.
+    targets, condition) are stacked under their ``pdm_`` names.
     """
     pixel_values = [e["instance_pixel_values"] for e in examples]
     input_ids = [e["instance_input_ids"] for e in examples]
@@ -163,7 +163,7 @@ def collate_examples(examples: list[dict[str, Any]], with_prior_preservation: bo
         "num_instance": len(examples),
         "num_pdm": len(examples) if with_pdm else 0,
     }
-    # Per-chunk entries (masks, the PDM chunk's timesteps, teacher targets, image indices) stacked as they are.
+    # Per-chunk entries (masks, the PDM chunk's timesteps, teacher targets) stacked as they are.
     skip = {"instance_pixel_values", "class_pixel_values", "pdm_pixel_values", "instance_input_ids", "class_input_ids"}
     if not with_prior_preservation:
         skip.add("class_mask")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import warnings
 from collections.abc import Sequence
@@ -362,11 +361,9 @@ def resolve_class_masks(
     """
     settings.check_sources()
     masks = _auto_masks(image_paths, settings, class_prompt, device)
-    empty = []
-    for image_path, mask_path in masks.items():
-        mask = load_subject_mask(mask_path, image_path)
-        if np.asarray(mask).max() == 0:
-            empty.append(image_path.name)
+    # Computed masks have their photo's size by construction: only the masks are decoded (setup
+    # runs this on every rank, over hundreds of class images).
+    empty = [image_path.name for image_path, mask_path in masks.items() if np.asarray(decode_mask(mask_path)).max() == 0]
     if empty:
         warnings.warn(
             f"The mask model found no {settings.auto_mask_prompt or default_mask_prompt(class_prompt)!r} in "

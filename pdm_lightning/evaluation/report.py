@@ -1,4 +1,4 @@
-"""Evaluation outputs: metrics JSON and CSV, per-prompt image grids, the multi-subject table and bar plot."""
+"""Evaluation outputs: metrics JSON and CSV, the multi-subject table and bar plot (grids: ``generate.make_grid``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from pdm_lightning.atomic import write_bytes_atomically
+from pdm_lightning.generate import save_png_with_metadata
 
 # Report order and display names (METHOD.md).
 METRIC_NAMES = {
@@ -50,23 +51,9 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def image_grid(images: Sequence[Image.Image], columns: int, cell: int | None = None) -> Image.Image:
-    """Images tiled row-major, each resized to ``cell`` px squares (default: the first image's width)."""
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    cell = cell or images[0].width
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * cell, rows * cell), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB").resize((cell, cell)), ((i % columns) * cell, (i // columns) * cell))
-    return grid
-
-
 def save_png(image: Image.Image, path: Path) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomically(path, buffer.getvalue())
+    save_png_with_metadata(image, path, {})
 
 
 # ---- the multi-subject table -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pdm_lightning.data.images import InputDataError
 from pdm_lightning.data.sampler import derive_seed
 from pdm_lightning.evaluation.prompts import (
     DreamBenchPrompts,
@@ -13,6 +14,7 @@ from pdm_lightning.evaluation.prompts import (
     parse_prompts_and_classes,
     split_identifier_and_class,
 )
+from pdm_lightning.model.inference import SCHEDULERS
 
 
 @dataclass
@@ -32,7 +34,8 @@ class EvaluationSettings:
         num_inference_steps: sampler steps (METHOD.md: 50).
         guidance_scale: classifier-free guidance (METHOD.md: 7.5).
         scheduler: sampler name (see pdm_lightning.model.inference.SCHEDULERS).
-        seed: image k of every prompt uses seed (seed, k), the same for every prompt and checkpoint.
+        seed: image k of every prompt uses ``derive_seed(seed, k)`` (as predict does), the same for
+            every prompt and checkpoint.
         batch_size: images generated per step.
         pres_num_images: images generated from the class prompt alone for PRES (0 leaves PRES out).
         pres_prompt: the class-only prompt (None: "a {class_noun}").
@@ -55,6 +58,20 @@ class EvaluationSettings:
     pres_prompt: str | None = None
     resolution: int | None = None
 
+    def __post_init__(self) -> None:
+        # Checked when the CLI builds the settings, not after the models loaded and the first images came out.
+        for name, minimum in (("num_images_per_prompt", 1), ("num_inference_steps", 1), ("batch_size", 1), ("pres_num_images", 0)):
+            if getattr(self, name) < minimum:
+                raise InputDataError(f"--data.evaluation.{name} must be at least {minimum}, got {getattr(self, name)}.")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise InputDataError(f"--data.evaluation.max_prompts must be at least 1 (or unset for all), got {self.max_prompts}.")
+        if self.scheduler not in SCHEDULERS:
+            raise InputDataError(f"Unknown --data.evaluation.scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}.")
+        if self.prompt_set == "custom" and not self.prompts:
+            raise InputDataError("prompt_set 'custom' needs --data.evaluation.prompts (a list of prompts).")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise InputDataError(f"--data.evaluation.resolution {self.resolution} must be a positive multiple of 8 (or unset).")
+
 
 @dataclass(frozen=True)
 class EvaluationPlan:
@@ -72,8 +89,6 @@ SUBJECT, CLASS = "subject", "class"
 
 def resolve_prompts(settings: EvaluationSettings, identifier: str, class_noun: str, max_prompts: int | None) -> list[str]:
     if settings.prompt_set == "custom" or (settings.prompts and settings.prompt_set == "auto"):
-        if not settings.prompts:
-            raise ValueError("prompt_set 'custom' needs --data.evaluation.prompts (a list of prompts).")
         templates = list(settings.prompts)
     else:
         source = parse_prompts_and_classes(settings.prompts_file) if settings.prompts_file else DreamBenchPrompts()

@@ -51,15 +51,14 @@ def add_lora_adapters(model: torch.nn.Module, settings: LoraSettings, target_mod
     the text encoder gets peft's injection directly, because transformers' ``add_adapter`` demands
     a newer peft than the one released.
     """
-    model.requires_grad_(False)
     config = settings.peft_config(target_modules)
     if isinstance(model, ModelMixin):
         model.add_adapter(config, adapter_name=ADAPTER_NAME)
     else:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
-    # Adapters train in float32 even when the base is stored in half precision.
-    for name, param in model.named_parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+        is_adapter = "lora_" in name
+        param.requires_grad_(is_adapter)
+        # Adapters train in float32 even when the base is stored in half precision.
+        if is_adapter and param.dtype != torch.float32:
             param.data = param.data.float()

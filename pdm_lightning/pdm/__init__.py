@@ -13,14 +13,12 @@ from pdm_lightning.pdm.bank import (
 )
 from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture, adapters_disabled
 from pdm_lightning.pdm.inversion import trajectory_timesteps
-from pdm_lightning.pdm.teacher import BankTeacher, OnTheFlyTeacher, load_frozen_unet, unet_query_fn
+from pdm_lightning.pdm.teacher import unet_query_fn
 
 __all__ = [
     "DEFAULT_PDM_LAYER",
     "BankSettings",
-    "BankTeacher",
     "BuildReport",
-    "OnTheFlyTeacher",
     "QueryBank",
     "QueryCapture",
     "adapters_disabled",
@@ -29,7 +27,6 @@ __all__ = [
     "class_condition",
     "default_cache_root",
     "ensure_cached_bank",
-    "load_frozen_unet",
     "open_bank",
     "trajectory_timesteps",
     "unet_query_fn",

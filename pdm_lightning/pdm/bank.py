@@ -137,10 +137,7 @@ def metadata_differences(found: dict[str, str], expected: dict[str, str]) -> lis
 
 
 def _file_matches(path: Path, expected: dict[str, str]) -> bool:
-    try:
-        return not metadata_differences(read_metadata(path), expected)
-    except Exception:  # noqa: BLE001 - an unreadable file is simply not a match
-        return False
+    return not metadata_differences(_safe_metadata(path), expected)  # unreadable: no metadata, not a match
 
 
 @dataclass
@@ -210,25 +207,28 @@ def build_bank(
 
     extractor = BankExtractor(settings, components, device)
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    with tqdm(
-        total=len(batches) * extractor.calls_per_batch, desc=f"PDM teacher bank ({len(todo)} images)", unit="call",
-        disable=not progress, dynamic_ncols=True,
-    ) as bar:
-        for batch in batches:
-            # Another process may have finished some of these meanwhile.
-            batch = [(img, exp) for img, exp in batch if not _file_matches(bank_file(folder, img), exp)]
-            if batch:
-                extractor.extract(batch, folder, on_call=bar.update)
-            else:
-                bar.update(extractor.calls_per_batch)
-    extractor.release()
+    # Released also after an error or interrupt: the capture hook would otherwise stay on the UNet.
+    try:
+        with tqdm(
+            total=len(batches) * extractor.calls_per_batch, desc=f"PDM teacher bank ({len(todo)} images)", unit="call",
+            disable=not progress, dynamic_ncols=True,
+        ) as bar:
+            for batch in batches:
+                # Another process may have finished some of these meanwhile.
+                batch = [(img, exp) for img, exp in batch if not _file_matches(bank_file(folder, img), exp)]
+                if batch:
+                    extractor.extract(batch, folder, on_call=bar.update)
+                else:
+                    bar.update(extractor.calls_per_batch)
+    finally:
+        extractor.release()
     return BuildReport(folder, files, computed=len(todo), reused=len(mine) - len(todo), unet_calls=extractor.unet_calls)
 
 
 def _safe_metadata(path: Path) -> dict[str, str]:
     try:
         return read_metadata(path)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a missing or unreadable file has no settings
         return {}
 
 
@@ -459,7 +459,9 @@ class QueryBank:
         return math.ceil(sum(f.stat().st_size for f in self.files) / len(self.files))
 
 
-def open_bank(folder: str | os.PathLike, images: Sequence[Path], settings: BankSettings | None = None) -> QueryBank:
+def open_bank(
+    folder: str | os.PathLike, images: Sequence[Path], settings: BankSettings | None = None, memo_file: Path | None = None
+) -> QueryBank:
     """The bank of ``images`` in ``folder`` (one ``<stem>.safetensors`` each), checked before training.
 
     Each file must exist and come from the same image bytes; with ``settings`` its metadata must
@@ -477,7 +479,7 @@ def open_bank(folder: str | os.PathLike, images: Sequence[Path], settings: BankS
     base = None
     if settings is not None:
         base = settings.metadata(
-            model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant)
+            model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant, memo_file)
         )
     # A "both" bank serves either teacher: the mode must only store what the run reads.
     wanted_mode = base.pop("mode") if base is not None else None

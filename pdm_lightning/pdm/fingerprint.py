@@ -43,6 +43,7 @@ def _hash_bytes(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
+
 def _load_memo(memo_file: Path | None) -> dict[str, str]:
     if memo_file is None or not memo_file.is_file():
         return {}
