@@ -117,6 +117,9 @@ def test_pdm_quickstart_config_trains_with_masks_and_previews(pdm_env: Path, tin
 
     events = EventAccumulator(str(run)).Reload()
     assert {"train/loss_pdm", "train/loss_instance", "train/loss_prior"} <= set(events.Tags()["scalars"])
+    total, instance, prior, pdm = (events.Scalars(f"train/loss{t}") for t in ("", "_instance", "_prior", "_pdm"))
+    for t, i, p, d in zip(total, instance, prior, pdm):  # METHOD.md: L_inst + 1.0 L_prior + 0.1 L_pdm
+        assert t.value == pytest.approx(i.value + p.value + 0.1 * d.value, rel=1e-5)
     pdm_losses = [event.value for event in events.Scalars("train/loss_pdm")]
     assert pdm_losses and all(0.0 < value < float("inf") for value in pdm_losses)
     assert len(list((run / "masks").glob("*.png"))) == 5
@@ -141,3 +144,12 @@ def test_a_precomputed_both_mode_folder_serves_either_teacher(pdm_env: Path, tin
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     # The user's folder was used: nothing was built in the cache (only the model-hash memo lives there).
     assert not list((pdm_env / "bank-cache").rglob("*.safetensors"))
+
+
+def test_pdm_loss_weight_defaults_to_the_method_values() -> None:
+    from pdm_lightning.model.lora import LoraSettings
+    from pdm_lightning.model.module import DreamBoothModule
+
+    assert DreamBoothModule("unused", use_pdm_loss=True).pdm_loss_weight == 0.1
+    assert DreamBoothModule("unused", use_pdm_loss=True, lora=LoraSettings()).pdm_loss_weight == 0.05
+    assert DreamBoothModule("unused", use_pdm_loss=True, lora=LoraSettings(), pdm_loss_weight=0.2).pdm_loss_weight == 0.2

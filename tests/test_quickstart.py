@@ -81,3 +81,31 @@ def test_instance_folder_untouched(quickstart_run: dict) -> None:
 def test_config_saved_for_rerun(quickstart_run: dict) -> None:
     config = (quickstart_run["run"] / "config.yaml").read_text()
     assert "instance_prompt: a photo of sks dog" in config
+
+
+def test_lora_quickstart_trains_resumes_and_exports_both_formats(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import shutil
+
+    from conftest import EXAMPLE_SUBJECT, REPO_ROOT
+
+    instance = Path(shutil.copytree(EXAMPLE_SUBJECT, tmp_path / "instance"))
+    run = tmp_path / "run"
+
+    def fit(max_steps: int, *extra: str) -> None:
+        cli_main([
+            "fit", "--config", str(REPO_ROOT / "configs" / "quickstart_lora.yaml"),
+            "--model.pretrained_model_name_or_path", str(tiny_model_dir), "--data.instance_data_dir", str(instance),
+            "--data.class_data_dir", str(tmp_path / "class_images"), "--data.num_class_images", "2",
+            "--data.class_generation.num_inference_steps", "2", "--trainer.max_steps", str(max_steps),
+            "--trainer.logger.init_args.save_dir", str(run), "--trainer.enable_progress_bar", "false",
+            "--samples.at_fit_end", "false", *extra,
+        ])
+
+    fit(2)
+    fit(4, "--ckpt_path", "last")
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert checkpoint["state_dict"] and all("lora_" in key for key in checkpoint["state_dict"])
+    assert (run / "export" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "export" / "pdm_lightning_lora.safetensors").is_file()
+    assert not (run / "export" / "pipeline").exists()

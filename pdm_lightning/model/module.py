@@ -63,7 +63,7 @@ class DreamBoothModule(L.LightningModule):
         lora: train LoRA adapters (on the UNet, and on the text encoder with train_text_encoder)
             instead of the full weights; None fine-tunes the full weights.
         use_pdm_loss: add the PDM loss (PDMBooth); the data module then supplies the PDM chunk.
-        pdm_loss_weight: weight of the PDM loss (METHOD.md: 0.1 full fine-tune, 0.05 LoRA).
+        pdm_loss_weight: weight of the PDM loss; None takes METHOD.md's: 0.1 full fine-tune, 0.05 with LoRA.
         pdm_layer: module path of the ``to_q`` whose output is the appearance query (SD1.5 default).
         pdm_teacher: ``bank`` reads the teacher's queries from the feature bank; ``on_the_fly`` recomputes
             them from stored latents with the pretrained UNet (the same UNet with adapters off under LoRA,
@@ -89,7 +89,7 @@ class DreamBoothModule(L.LightningModule):
         noise_seed: int = 0,
         lora: LoraSettings | None = None,
         use_pdm_loss: bool = False,
-        pdm_loss_weight: float = 0.1,
+        pdm_loss_weight: float | None = None,
         pdm_layer: str = DEFAULT_PDM_LAYER,
         pdm_teacher: Literal["bank", "on_the_fly"] = "bank",
         mask_instance_loss: bool = False,
@@ -165,6 +165,12 @@ class DreamBoothModule(L.LightningModule):
         return self
 
     @property
+    def pdm_loss_weight(self) -> float:
+        if self.hparams.pdm_loss_weight is not None:
+            return self.hparams.pdm_loss_weight
+        return 0.05 if self.lora is not None else 0.1
+
+    @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
@@ -232,7 +238,7 @@ class DreamBoothModule(L.LightningModule):
             if self.hparams.mask_pdm_loss:
                 token_mask = mask_to_tokens(self._latent_mask(batch, "pdm", latents.shape[-2:]), student.shape[1])
             loss_pdm = pdm_loss(student, self.teacher_queries(batch), token_mask)
-            total = total + self.hparams.pdm_loss_weight * loss_pdm
+            total = total + self.pdm_loss_weight * loss_pdm
             self.log("train/loss_pdm", loss_pdm)
 
         self.log("train/loss", total, prog_bar=True)
