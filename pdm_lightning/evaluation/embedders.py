@@ -34,6 +34,13 @@ def _features(output: torch.Tensor | object) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+@torch.no_grad()
+def embed_in_batches(items: Sequence, batch_size: int, embed, dim: int) -> torch.Tensor:  # noqa: ANN001
+    """``embed`` (a chunk of items -> [n, dim] tensor) over ``items`` in chunks, as one float32 CPU tensor."""
+    chunks = [embed(list(items[start : start + batch_size])).float().cpu() for start in range(0, len(items), batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0, dim)
+
+
 class DinoEmbedder:
     """DINO ViT CLS-token embeddings (METHOD.md: ViT-S/16)."""
 
@@ -42,14 +49,12 @@ class DinoEmbedder:
         self.model = AutoModel.from_pretrained(model_name_or_path).eval().to(device)
         self.device, self.batch_size = torch.device(device), batch_size
 
-    @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[start : start + self.batch_size]), return_tensors="pt").pixel_values
-            hidden = self.model(pixel_values=pixels.to(self.device, self.model.dtype)).last_hidden_state
-            chunks.append(hidden[:, 0].float().cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.hidden_size)
+        def embed(chunk: list[Image.Image]) -> torch.Tensor:
+            pixels = self.processor(images=chunk, return_tensors="pt").pixel_values
+            return self.model(pixel_values=pixels.to(self.device, self.model.dtype)).last_hidden_state[:, 0]
+
+        return embed_in_batches(images, self.batch_size, embed, self.model.config.hidden_size)
 
 
 class ClipEmbedder:
@@ -61,24 +66,22 @@ class ClipEmbedder:
         self.model = CLIPModel.from_pretrained(model_name_or_path).eval().to(device)
         self.device, self.batch_size = torch.device(device), batch_size
 
-    @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[start : start + self.batch_size]), return_tensors="pt").pixel_values
-            chunks.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))).float().cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
+        def embed(chunk: list[Image.Image]) -> torch.Tensor:
+            pixels = self.processor(images=chunk, return_tensors="pt").pixel_values
+            return _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype)))
 
-    @torch.no_grad()
+        return embed_in_batches(images, self.batch_size, embed, self.model.config.projection_dim)
+
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
+        def embed(chunk: list[str]) -> torch.Tensor:
             tokens = self.tokenizer(
-                list(texts[start : start + self.batch_size]), padding=True, truncation=True,
+                chunk, padding=True, truncation=True,
                 max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt",
             ).to(self.device)
-            chunks.append(_features(self.model.get_text_features(**tokens)).float().cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
+            return _features(self.model.get_text_features(**tokens))
+
+        return embed_in_batches(texts, self.batch_size, embed, self.model.config.projection_dim)
 
 
 LPIPS_SIZE = 256
