@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 import warnings
 
+import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from pdm_lightning.callbacks.checkpoint import StepCheckpoint
 from pdm_lightning.callbacks.export import ExportWeights
@@ -31,6 +32,15 @@ TRAINER_DEFAULTS = {
 
 # The frozen VAE (and text encoder) stay in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+class SaveFitConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` for ``fit`` only: it is the run's training config, which ``predict``,
+    ``test`` and ``--ckpt_path last`` resumes read back (their own options would make it unreadable to fit)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
 
 class PDMLightningCLI(LightningCLI):
@@ -77,6 +87,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PDMLightningCLI
         DreamBoothDataModule,
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=SaveFitConfig,
         # Re-running the same command to resume rewrites config.yaml instead of refusing to start.
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -11,6 +11,7 @@ from typing import Literal
 import lightning as L
 import torch
 from diffusers import StableDiffusionPipeline
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -144,13 +145,14 @@ class DreamBoothDataModule(L.LightningDataModule):
         if self.hparams.with_prior_preservation:
             self._prepare_class_images()
         if self.hparams.use_pdm_loss and self.pdm_features.features_dir is None:
-            ensure_cached_bank(
+            report = ensure_cached_bank(
                 self._bank_settings(),
                 instance_images,
                 self._bank_cache_root(),
                 batch_size=self.pdm_features.batch_size,
                 device=self._generation_device(),
             )
+            rank_zero_info(f"PDM teacher bank: {report.computed} image(s) built, {report.reused} reused, in {report.folder}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the generation models' cached blocks back before training
 
