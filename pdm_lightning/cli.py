@@ -88,6 +88,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PDMLightningCLI
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveFitConfig,
+        # A typo such as --model.learning_rat must be an error, not an abbreviation silently taken.
+        parser_kwargs={"allow_abbrev": False},
         # Re-running the same command to resume rewrites config.yaml instead of refusing to start.
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -77,3 +77,11 @@ def test_sd15_variants_carry_the_anchor_settings(
     if pdm_weight is not None:
         assert model.pdm_loss_weight == pdm_weight
         assert data.pdm_features.inversion_steps is None and data.pdm_features.dtype == "float16"
+
+
+def test_a_truncated_option_name_is_an_error_not_an_abbreviation(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml"), "--model.learning_rat", "3e-4",
+                  "--print_config"])
+    assert exit_info.value.code == 2
+    assert "--model.learning_rat" in capsys.readouterr().err
