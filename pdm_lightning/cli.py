@@ -12,8 +12,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pdm_lightning.callbacks.checkpoint import StepCheckpoint
 from pdm_lightning.callbacks.export import ExportWeights
 from pdm_lightning.callbacks.mask_preview import MaskPreview
-from pdm_lightning.callbacks.evaluation import DreamBenchEvaluation, QualityCheckpoint
+from pdm_lightning.callbacks.evaluation import DreamBenchEvaluation
 from pdm_lightning.callbacks.predictions import PredictionWriter
+from pdm_lightning.callbacks.quality_checkpoint import QualityCheckpoint
 from pdm_lightning.callbacks.samples import SampleImages
 from pdm_lightning.data.datamodule import DreamBoothDataModule
 from pdm_lightning.data.images import InputDataError

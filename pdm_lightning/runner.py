@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdm_lightning.atomic import write_bytes_atomically
-from pdm_lightning.callbacks.evaluation import best_scored_checkpoint
+from pdm_lightning.callbacks.quality_checkpoint import best_scored_checkpoint
 from pdm_lightning.data.images import InputDataError
 from pdm_lightning.evaluation.prompts import parse_prompts_and_classes
 from pdm_lightning.evaluation.report import write_subject_table

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import quickstart_args
-from pdm_lightning.callbacks.evaluation import best_scored_checkpoint, score_file
+from pdm_lightning.callbacks.quality_checkpoint import best_scored_checkpoint, score_file
 from pdm_lightning.cli import cli_main
 from pdm_lightning.data.images import list_image_files, load_rgb_image
 from pdm_lightning.evaluation.embedders import ClipEmbedder, DinoEmbedder

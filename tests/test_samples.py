@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, Event
 
 from conftest import build_cli
 from pdm_lightning.callbacks.export import ExportWeights
-from pdm_lightning.callbacks.samples import SampleImages, preserved_training_state
+from pdm_lightning.callbacks.samples import SampleImages
+from pdm_lightning.model.inference import preserved_training_state
 
 # LoRA with dropout: training draws from the global RNG and depends on train mode, so a callback
 # that consumed random numbers or left a module in eval mode would change the final weights.

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
@@ -25,33 +21,11 @@ from pdm_lightning.generate import (
     slugify,
     write_image,
 )
-from pdm_lightning.model.inference import inference_pipeline
+from pdm_lightning.model.inference import inference_pipeline, preserved_training_state
 
 # Appended to the instance prompt when no prompts are configured: the subject alone, then in contexts
 # that show whether it has overfitted to its training backgrounds.
 DEFAULT_CONTEXTS = ("", " on the beach", " in the snow")
-
-
-@contextmanager
-def preserved_training_state(module: torch.nn.Module) -> Iterator[None]:
-    """Evaluation mode, no autograd, and on exit every submodule's mode and every global RNG as they were.
-
-    Modes are restored one by one because the module keeps its frozen parts in eval mode while
-    training; a plain ``module.train()`` would not give back the same state. no_grad (not
-    inference_mode) so that no tensor made here is unusable by the training that follows.
-    """
-    modes = {name: sub.training for name, sub in module.named_modules()}
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            module.eval()
-            yield
-    finally:
-        for name, sub in module.named_modules():
-            sub.training = modes.get(name, sub.training)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 class SampleImages(L.Callback):

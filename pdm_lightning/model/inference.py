@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -51,3 +57,25 @@ def inference_pipeline(module, scheduler: str = "dpmsolver++") -> StableDiffusio
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+@contextmanager
+def preserved_training_state(module: torch.nn.Module) -> Iterator[None]:
+    """Evaluation mode, no autograd, and on exit every submodule's mode and every global RNG as they were.
+
+    Modes are restored one by one because the module keeps its frozen parts in eval mode while
+    training; a plain ``module.train()`` would not give back the same state. no_grad (not
+    inference_mode) so that no tensor made here is unusable by the training that follows.
+    """
+    modes = {name: sub.training for name, sub in module.named_modules()}
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            module.eval()
+            yield
+    finally:
+        for name, sub in module.named_modules():
+            sub.training = modes.get(name, sub.training)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
