@@ -103,6 +103,7 @@ class DreamBoothDataset(Dataset):
         self.pdm_targets = pdm_targets
         self.instance_masks = instance_masks
         self.class_masks = class_masks
+        self._pdm_crops: dict[int, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images or ()))
@@ -129,14 +130,21 @@ class DreamBoothDataset(Dataset):
         if mask is not None:
             example[f"{chunk}_mask"] = mask
 
+    def _pdm_crop(self, image_index: int) -> dict[str, torch.Tensor]:
+        # The centre crop never changes: decoded once per image (per worker), not again every step.
+        if image_index not in self._pdm_crops:
+            crop: dict[str, Any] = {}
+            self._add_crop(crop, "pdm", self.instance_images[image_index], self.instance_masks, None)
+            self._pdm_crops[image_index] = crop
+        return self._pdm_crops[image_index]
+
     def _pdm_example(self, image_index: int, crop_seed: int) -> dict[str, Any]:
         # The PDM chunk is the centre crop of the same image (what its teacher entries were computed
         # from), at a timestep of the teacher's trajectory, drawn from its own stream so the crops
         # are the same with PDM on or off.
         timesteps = self.pdm_targets.timesteps
         timestep = int(timesteps[random.Random(derive_seed(crop_seed, 1)).randrange(len(timesteps))])
-        example = {"pdm_timestep": timestep}
-        self._add_crop(example, "pdm", self.instance_images[image_index], self.instance_masks, None)
+        example = {"pdm_timestep": timestep, **self._pdm_crop(image_index)}
         example.update({f"pdm_{name}": value for name, value in self.pdm_targets.item(image_index, timestep).items()})
         return example
 
