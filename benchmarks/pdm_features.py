@@ -5,7 +5,7 @@
         --resolution 512 --device cuda --compute_dtype float16
 
 Peak memory is the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU. The
-reference implementation's figures (METHOD.md): about 2000 UNet calls, 120 s and 131 MB per image on
+reference implementation's figures (docs/method.md): about 2000 UNet calls, 120 s and 131 MB per image on
 a tiny CPU model; a float32 bank of 5.2 GB per image at 512 px, all on the GPU.
 """
 

@@ -1,7 +1,7 @@
 """Training step time with and without the PDM loss (bank and on-the-fly teachers), through the real CLI.
 
     python benchmarks/pdm_step_time.py                  # tiny random model, CPU, 64 px, batch 1
-    python benchmarks/pdm_step_time.py --config configs/sd15.yaml --resolution 512 --accelerator gpu \\
+    python benchmarks/pdm_step_time.py --config configs/sd15_dreambooth.yaml --resolution 512 --accelerator gpu \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5
 
 Each variant trains ``--steps`` steps after ``--warmup`` untimed ones (the teacher bank is built

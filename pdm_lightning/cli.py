@@ -53,6 +53,7 @@ class PDMLightningCLI(LightningCLI):
         # The mask switches are set with the masks (the data module prepares only the masks they need).
         for key in ("mask_instance_loss", "mask_prior_loss", "mask_pdm_loss"):
             parser.link_arguments(f"data.masks.{key}", f"model.{key}")
+        parser.link_arguments("data.masks.mode", "model.mask_mode")
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -1,9 +1,14 @@
 """Train and evaluate every subject of a DreamBench-style folder, then tabulate the metrics.
 
-    python -m pdm_lightning.runner --dreambench ../shared/dreambench --config configs/sd15.yaml \
-        --out runs/dreambench [--subjects dog cat] [-- --trainer.max_steps 400 ...]
+    python -m pdm_lightning.runner --dreambench examples --subjects dog backpack \
+        --config configs/sd15_dreambooth.yaml --out runs/dreambench [-- --trainer.max_steps 400 ...]
 
-For each subject folder (its class read from ``prompts_and_classes.txt``) it runs ``train.py fit``
+``examples`` holds two bundled DreamBench subjects (5 photos each, see examples/CREDITS.md); for the
+full benchmark pass the dataset (30 subject folders + ``prompts_and_classes.txt``) as
+``--dreambench path/to/dreambench/dataset`` and leave out ``--subjects`` to run them all.
+
+For each subject folder (its class read from the folder's ``prompts_and_classes.txt``, or from the
+copy bundled with the package when the folder has none) it runs ``train.py fit``
 and then ``train.py test`` (the DreamBench evaluation) with the given config plus per-subject
 settings: instance photos, prompts "a photo of <identifier> <class>" / "a photo of <class>", one
 class-image folder per class (shared by subjects of the same class), one run folder per subject.
@@ -25,7 +30,7 @@ from pathlib import Path
 from pdm_lightning.atomic import write_bytes_atomically
 from pdm_lightning.callbacks.quality_checkpoint import best_scored_checkpoint
 from pdm_lightning.data.images import InputDataError
-from pdm_lightning.evaluation.prompts import parse_prompts_and_classes
+from pdm_lightning.evaluation.prompts import BUNDLED_PROMPTS_FILE, parse_prompts_and_classes
 from pdm_lightning.evaluation.report import write_subject_table
 from pdm_lightning.generate import slugify
 
@@ -45,10 +50,19 @@ class Subject:
 
 
 def find_subjects(dreambench: Path, selected: Sequence[str] | None = None) -> tuple[list[Subject], Path]:
-    """The subjects of a DreamBench-style folder (all of them in name order, or ``selected`` in that order)."""
+    """The subjects of a DreamBench-style folder (all of them in name order, or ``selected`` in that order).
+
+    Classes come from the folder's ``prompts_and_classes.txt``, or the bundled DreamBench copy when it has none;
+    only folders named in that classes table are subjects (``examples/dog_masks`` is not)."""
+    if not dreambench.is_dir():
+        raise InputDataError(f"{dreambench} is not a folder: point --dreambench at the subject folders (e.g. examples).")
     prompts_file = dreambench / PROMPTS_FILE
+    if not prompts_file.is_file():
+        prompts_file = BUNDLED_PROMPTS_FILE
     classes = parse_prompts_and_classes(prompts_file).classes
     names = list(selected) if selected else sorted(n for n in classes if (dreambench / n).is_dir())
+    if not names:
+        raise InputDataError(f"No folder of {dreambench} is a subject of the classes table of {prompts_file}: fix --dreambench.")
     unknown = [n for n in names if n not in classes]
     if unknown:
         raise InputDataError(f"{', '.join(unknown)} not in the classes table of {prompts_file}: add a 'subject,class' line or fix --subjects.")
@@ -147,8 +161,8 @@ def run_benchmark(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dreambench", required=True, type=Path, help="folder of subject folders + prompts_and_classes.txt")
-    parser.add_argument("--config", help="train.py config used for every subject (e.g. configs/sd15.yaml)")
+    parser.add_argument("--dreambench", required=True, type=Path, help="folder of subject folders (+ prompts_and_classes.txt; default: the bundled DreamBench one), e.g. examples")
+    parser.add_argument("--config", help="train.py config used for every subject (e.g. configs/sd15_dreambooth.yaml)")
     parser.add_argument("--out", required=True, type=Path, help="one run folder per subject, the class images and the table")
     parser.add_argument("--subjects", nargs="+", help="only these subjects (default: all of the classes table)")
     parser.add_argument("--identifier", default="sks", help="rare token bound to each subject (default: sks)")

@@ -16,7 +16,7 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 
 def test_configs_exist() -> None:
-    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "sd15.yaml"}
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", *RECIPES}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -33,18 +33,46 @@ def test_config_instantiates(config: Path, tmp_path: Path, monkeypatch: pytest.M
     assert cli.trainer.checkpoint_callback is not None
 
 
-def test_sd15_carries_the_anchor_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# The reference's published runs (PDMBooth scripts/run_all.py and run_all_lora.py; docs/method.md) and
+# their DreamBooth baselines: (lora, prior preservation, PDM weight or None, masks on instance + PDM).
+RECIPES = {
+    "sd15_pdmbooth.yaml": (False, True, 0.1, True),
+    "sd15_pdmbooth_lora.yaml": (True, False, 0.05, True),
+    "sd15_dreambooth.yaml": (False, True, None, False),
+    "sd15_dreambooth_lora.yaml": (True, False, None, False),
+}
+
+
+@pytest.mark.parametrize("config", sorted(RECIPES))
+def test_recipes_carry_the_published_settings(config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lora, prior, pdm_weight, masked = RECIPES[config]
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["--config", str(REPO_ROOT / "configs" / "sd15.yaml"), "--trainer.accelerator", "cpu"], run=False)
-    model, data, trainer = cli.model.hparams, cli.datamodule.hparams, cli.trainer
-    assert model.learning_rate == 1e-6 and model.train_text_encoder and model.prior_loss_weight == 1.0
-    assert data.resolution == 512 and data.num_class_images == 700 and data.with_prior_preservation
-    assert trainer.max_steps == 700 and trainer.gradient_clip_val == 1.0
-    assert trainer.precision == "bf16-mixed"
+    cli = cli_main(["--config", str(REPO_ROOT / "configs" / config), "--trainer.accelerator", "cpu"], run=False)
+    model, data, trainer = cli.model.hparams, cli.datamodule, cli.trainer
+    assert model.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert data.hparams.resolution == 512 and data.hparams.train_batch_size == 1
+    assert trainer.max_steps == 700 and trainer.gradient_clip_val == 1.0 and trainer.precision == "bf16-mixed"
     optimizer = cli.model.optimizer_config
     assert (optimizer.adam_beta1, optimizer.adam_beta2, optimizer.adam_weight_decay, optimizer.adam_epsilon) == (
         0.9, 0.999, 1e-2, 1e-8)
-    assert optimizer.lr_scheduler == "constant"
+    assert optimizer.lr_scheduler == "constant" and optimizer.lr_warmup_steps == 0
+    if lora:  # rank 4 on the UNet only, the reference's init, lr 1e-4
+        assert model.learning_rate == 1e-4 and not model.train_text_encoder
+        assert cli.model.lora.rank == 4 and cli.model.lora.alpha is None and cli.model.lora.init_lora_weights == "gaussian"
+    else:  # full fine-tune: lr 1e-6 with the text encoder trained
+        assert model.learning_rate == 1e-6 and model.train_text_encoder and cli.model.lora is None
+    assert data.hparams.with_prior_preservation == prior
+    if prior:
+        assert data.hparams.num_class_images == 700 and model.prior_loss_weight == 1.0
+    assert model.use_pdm_loss == (pdm_weight is not None) == data.hparams.use_pdm_loss
+    if pdm_weight is not None:
+        assert model.pdm_loss_weight == pdm_weight == cli.model.pdm_loss_weight
+        assert data.pdm_features.inversion_steps is None and data.pdm_features.dtype == "float16"
+    masks = data.masks
+    assert (masks.mask_instance_loss, masks.mask_pdm_loss, masks.mask_prior_loss) == (masked, masked, False)
+    assert (model.mask_instance_loss, model.mask_pdm_loss, model.mask_prior_loss) == (masked, masked, False)
+    assert masks.instance_mask_dir is None  # the recipes' masks come from the automatic segmenter
+    assert (masks.auto_mask_model is not None) == masked and model.mask_mode == masks.mode == "binary"
 
 
 def test_print_config_lists_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,27 +84,6 @@ def test_print_config_lists_options(capsys: pytest.CaptureFixture[str]) -> None:
                    "with_prior_preservation", "prior_loss_weight", "resolution", "train_text_encoder", "learning_rate"):
         assert f"{option}:" in printed
     assert "# folder with the 3-5 photos of the subject" in printed  # each option's help above it
-
-
-@pytest.mark.parametrize(
-    ("config", "lora", "pdm_weight"),
-    [("sd15_lora.yaml", True, None), ("sd15_pdm.yaml", False, 0.1), ("sd15_lora_pdm.yaml", True, 0.05)],
-)
-def test_sd15_variants_carry_the_anchor_settings(
-    config: str, lora: bool, pdm_weight: float | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """METHOD.md: lr 1e-4 and rank 4 for LoRA, 1e-6 full; PDM weight 0.1 full / 0.05 LoRA, faithful bank."""
-    monkeypatch.chdir(tmp_path)
-    cli = cli_main(["--config", str(REPO_ROOT / "configs" / config), "--trainer.accelerator", "cpu"], run=False)
-    model, data = cli.model.hparams, cli.datamodule
-    assert model.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert data.hparams.resolution == 512 and cli.trainer.max_steps == 700
-    assert model.learning_rate == (1e-4 if lora else 1e-6)
-    assert (cli.model.lora is not None) == lora and (not lora or cli.model.lora.rank == 4)
-    assert model.use_pdm_loss == (pdm_weight is not None) == data.hparams.use_pdm_loss
-    if pdm_weight is not None:
-        assert model.pdm_loss_weight == pdm_weight
-        assert data.pdm_features.inversion_steps is None and data.pdm_features.dtype == "float16"
 
 
 def test_a_truncated_option_name_is_an_error_not_an_abbreviation(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,6 +22,7 @@ from pdm_lightning.evaluation.metrics import (
     within_group_distance_mean,
 )
 from pdm_lightning.evaluation.prompts import (
+    BUNDLED_PROMPTS_FILE,
     LIVE_PROMPTS,
     OBJECT_PROMPTS,
     evenly_spaced,
@@ -33,7 +34,6 @@ from pdm_lightning.evaluation.report import write_csv_report, write_subject_tabl
 from pdm_lightning.callbacks.evaluation import undefined_metric_reasons
 from pdm_lightning.evaluation.settings import EvaluationSettings, build_plan
 
-DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
 S2 = math.sqrt(2)
 
 # Fixed 2-D embeddings: unit directions whose cosines are easy to write down.
@@ -97,8 +97,12 @@ def test_lpips_style_distance_means() -> None:
 
 
 def test_prompts_file_matches_the_bundled_lists_and_classes() -> None:
-    parsed = parse_prompts_and_classes(DREAMBENCH / "prompts_and_classes.txt")
+    parsed = parse_prompts_and_classes(BUNDLED_PROMPTS_FILE)
     assert parsed.object_prompts == OBJECT_PROMPTS and parsed.live_prompts == LIVE_PROMPTS
+    # DreamBench's lists: 25 prompts each, 10 shared recontextualizations first and 5 property changes last.
+    assert len(OBJECT_PROMPTS) == len(LIVE_PROMPTS) == 25 and OBJECT_PROMPTS[:10] == LIVE_PROMPTS[:10]
+    assert OBJECT_PROMPTS[0] == "a {0} {1} in the jungle" and OBJECT_PROMPTS[10] == "a {0} {1} with a wheat field in the background"
+    assert OBJECT_PROMPTS[-5:] == LIVE_PROMPTS[-5:] == ("a red {0} {1}", "a purple {0} {1}", "a shiny {0} {1}", "a wet {0} {1}", "a cube shaped {0} {1}")
     assert len(parsed.classes) == 30 and parsed.classes["bear_plushie"] == "stuffed animal"
     assert parsed.templates_for("dog") == LIVE_PROMPTS and parsed.templates_for("backpack") == OBJECT_PROMPTS
     assert fill_prompt(LIVE_PROMPTS[10], "sks", "dog") == "a sks dog wearing a red hat"

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import folder_snapshot
@@ -173,11 +174,11 @@ def test_mask_crop_follows_the_image_crop(tmp_path: Path, size: tuple[int, int])
 # ---------------------------------------------------------------------------------------------- latent, tokens
 
 
-def test_mask_to_latent_is_an_area_average() -> None:
+def test_soft_mask_to_latent_is_an_area_average() -> None:
     mask = torch.zeros(2, 1, 16, 16)
     mask[0, :, :, :12] = 1.0  # left 12 columns: latent columns 0 full, 1 half
     mask[1, :, :8, :] = 1.0
-    latent = mask_to_latent(mask, (2, 2))
+    latent = mask_to_latent(mask, (2, 2), "soft")
     assert torch.equal(latent[0, 0], torch.tensor([[1.0, 0.5], [1.0, 0.5]]))
     assert torch.equal(latent[1, 0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
@@ -186,15 +187,15 @@ def test_mask_to_latent_is_an_area_average() -> None:
 
 def test_mask_to_tokens_is_row_major_and_resizes() -> None:
     latent = torch.arange(12.0).reshape(1, 1, 3, 4)
-    assert torch.equal(mask_to_tokens(latent, (3, 4)), torch.arange(12.0).reshape(1, 12))
-    assert torch.equal(mask_to_tokens(latent, 12), torch.arange(12.0).reshape(1, 12))
+    assert torch.equal(mask_to_tokens(latent, (3, 4), "soft"), torch.arange(12.0).reshape(1, 12))
+    assert torch.equal(mask_to_tokens(latent, 12, "soft"), torch.arange(12.0).reshape(1, 12))
     # A diffusers attention layer lays tokens out as hidden_states.permute(0, 2, 3, 1).reshape(B, h * w, C).
     feature = torch.randn(1, 5, 3, 4)
     tokens = feature.permute(0, 2, 3, 1).reshape(1, 12, 5)
     assert torch.equal(tokens[0, 6], feature[0, :, 1, 2])
-    assert mask_to_tokens(latent, 12)[0, 6] == latent[0, 0, 1, 2]
+    assert mask_to_tokens(latent, 12, "soft")[0, 6] == latent[0, 0, 1, 2]
 
-    coarse = mask_to_tokens(torch.ones(2, 1, 8, 8).tril(), (4, 4))
+    coarse = mask_to_tokens(torch.ones(2, 1, 8, 8).tril(), (4, 4), "soft")
     assert coarse.shape == (2, 16) and coarse[0, 0] == pytest.approx(0.75)
     fine = mask_to_tokens(torch.ones(1, 1, 4, 4), (8, 8))
     assert fine.shape == (1, 64) and torch.allclose(fine, torch.ones(1, 64))
@@ -203,6 +204,33 @@ def test_mask_to_tokens_is_row_major_and_resizes() -> None:
     assert token_grid(8, (4, 8)) == (2, 4)
     with pytest.raises(ValueError, match="do not form a grid"):
         token_grid(10, (8, 8))
+
+
+def test_binary_masks_count_every_covered_cell_as_subject() -> None:
+    # A hand-made 32 x 32 mask over a 4 x 4 latent (8 px cells): a 16 x 16 square at pixels 3..18
+    # touches cells 0, 1 and 2 in each direction (9 cells), of which only cell (1, 1) is fully covered.
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 3:19, 3:19] = 1.0
+    binary, soft = mask_to_latent(mask, (4, 4)), mask_to_latent(mask, (4, 4), "soft")
+    expected = torch.zeros(4, 4)
+    expected[:3, :3] = 1.0
+    assert torch.equal(binary[0, 0], expected) and int(binary.sum()) == 9
+    assert soft[0, 0, 1, 1] == 1.0 and soft[0, 0, 0, 0] == pytest.approx(25 / 64)
+    assert soft[0, 0, 2, 2] == pytest.approx(9 / 64) and int((soft == 1).sum()) == 1
+    assert soft.sum().item() == pytest.approx(256 / 64)  # area weights add up to the covered area
+    # One pixel of subject is enough to make its cell subject; an empty mask stays empty.
+    speck = torch.zeros(1, 1, 32, 32)
+    speck[..., 31, 0] = 1.0
+    assert mask_to_latent(speck, (4, 4))[0, 0, 3, 0] == 1.0 and int(mask_to_latent(speck, (4, 4)).sum()) == 1
+    assert int(mask_to_latent(torch.zeros(1, 1, 32, 32), (4, 4)).sum()) == 0
+    # Tokens: a coarser grid counts any covered cell, a finer one stays 0 / 1.
+    coarse = mask_to_tokens(binary, (2, 2))
+    assert torch.equal(coarse, torch.tensor([[1.0, 1.0, 1.0, 1.0]]))  # cell (2, 2) reaches every quadrant
+    assert torch.equal(mask_to_tokens(mask_to_latent(speck, (4, 4)), (2, 2)), torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+    fine = mask_to_tokens(binary, (8, 8))
+    assert set(fine.unique().tolist()) == {0.0, 1.0} and int(fine.sum()) == 36
+    assert torch.equal(mask_to_tokens(binary, 16), binary.flatten(1))
+    assert torch.equal(mask_to_tokens(soft, (2, 2), "soft"), F.avg_pool2d(soft, 2).flatten(1))
 
 
 def test_token_mask_restricts_the_pdm_mean() -> None:

@@ -1,4 +1,4 @@
-"""The PDM teacher bank against a plainly written loop of METHOD.md's equations, its cache, resume and teachers.
+"""The PDM teacher bank against a plainly written loop of the equations in docs/method.md, its cache, resume and teachers.
 
 Faithful banks (999 inversion steps, 1999 UNet calls per batch) use a micro UNet (2 levels, 8
 channels) inside a copy of the tiny pipeline, so the 2000-call trajectories run in seconds; the
@@ -120,7 +120,7 @@ def faithful_bank(micro_model_dir: Path, micro_components, two_images: list[Path
 
 
 def plain_reference_bank(model_dir: Path, image: Path, timesteps: list[int]) -> dict[int, torch.Tensor]:
-    """METHOD.md's procedure for one image, written out: no scheduler class, no batching, no bank code."""
+    """The procedure of docs/method.md for one image, written out: no scheduler class, no batching, no bank code."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -118,7 +118,7 @@ def test_pdm_quickstart_config_trains_with_masks_and_previews(pdm_env: Path, tin
     events = EventAccumulator(str(run)).Reload()
     assert {"train/loss_pdm", "train/loss_instance", "train/loss_prior"} <= set(events.Tags()["scalars"])
     total, instance, prior, pdm = (events.Scalars(f"train/loss{t}") for t in ("", "_instance", "_prior", "_pdm"))
-    for t, i, p, d in zip(total, instance, prior, pdm):  # METHOD.md: L_inst + 1.0 L_prior + 0.1 L_pdm
+    for t, i, p, d in zip(total, instance, prior, pdm):  # docs/method.md: L_inst + 1.0 L_prior + 0.1 L_pdm
         assert t.value == pytest.approx(i.value + p.value + 0.1 * d.value, rel=1e-5)
     pdm_losses = [event.value for event in events.Scalars("train/loss_pdm")]
     assert pdm_losses and all(0.0 < value < float("inf") for value in pdm_losses)

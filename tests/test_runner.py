@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from pdm_lightning import runner
+from pdm_lightning.evaluation.prompts import BUNDLED_PROMPTS_FILE
 from pdm_lightning.evaluation.tiny_models import save_tiny_evaluation_models
 
-DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DREAMBENCH = REPO_ROOT / "examples"  # the bundled subjects dog and backpack; classes from the bundled table
 
 
 def tiny_overrides(model: Path, clip: Path, dino: Path) -> list[str]:
@@ -27,7 +30,11 @@ def tiny_overrides(model: Path, clip: Path, dino: Path) -> list[str]:
 
 
 def test_subject_arguments_name_the_subject_class_and_run(tmp_path: Path) -> None:
-    subjects, prompts_file = runner.find_subjects(DREAMBENCH, ["bear_plushie"])
+    dreambench = tmp_path / "dreambench"  # a subject folder, no prompts_and_classes.txt: the bundled table
+    (dreambench / "bear_plushie").mkdir(parents=True)
+    shutil.copy(DREAMBENCH / "backpack" / "00.jpg", dreambench / "bear_plushie" / "00.jpg")
+    subjects, prompts_file = runner.find_subjects(dreambench, ["bear_plushie"])
+    assert prompts_file == BUNDLED_PROMPTS_FILE and subjects[0].folder == dreambench / "bear_plushie"
     args = runner.subject_arguments(subjects[0], "cfg.yaml", tmp_path, "sks", prompts_file, ["--trainer.max_steps", "5"])
     pairs = dict(zip(args[::2], args[1::2]))
     assert pairs["--data.instance_prompt"] == "a photo of sks stuffed animal"
@@ -37,6 +44,20 @@ def test_subject_arguments_name_the_subject_class_and_run(tmp_path: Path) -> Non
     assert args[:2] == ["--config", "cfg.yaml"] and args[-2:] == ["--trainer.max_steps", "5"]
     with pytest.raises(runner.InputDataError, match="not_a_subject"):
         runner.find_subjects(DREAMBENCH, ["not_a_subject"])
+    # Without --subjects: the folders named in the classes table, in name order (examples/dog_masks is not one).
+    assert [s.name for s in runner.find_subjects(DREAMBENCH)[0]] == ["backpack", "dog"]
+
+
+def test_a_folders_own_prompts_file_takes_precedence_over_the_bundled_one(tmp_path: Path) -> None:
+    (tmp_path / "bear_plushie").mkdir()
+    own = tmp_path / runner.PROMPTS_FILE
+    own.write_text(BUNDLED_PROMPTS_FILE.read_text().replace("bear_plushie,stuffed animal", "bear_plushie,teddy bear"))
+    subjects, prompts_file = runner.find_subjects(tmp_path)
+    assert prompts_file == own and [(s.name, s.class_noun) for s in subjects] == [("bear_plushie", "teddy bear")]
+    with pytest.raises(runner.InputDataError, match="not a folder"):
+        runner.find_subjects(tmp_path / "missing")
+    with pytest.raises(runner.InputDataError, match="No folder"):
+        runner.find_subjects(tmp_path / "bear_plushie")
 
 
 def test_two_subjects_interrupted_then_resumed_without_redoing_the_first(

@@ -1,7 +1,7 @@
 """The DreamBench evaluation as a callback.
 
 ``DreamBenchEvaluation`` turns ``train.py test`` / ``validate`` into the full protocol: it embeds the
-images the module's ``test_step`` generates, computes METHOD.md's metrics, logs them as ``eval/*``
+images the module's ``test_step`` generates, computes the metrics of docs/method.md, logs them as ``eval/*``
 and writes the reports. Its light version at checkpoint time is ``callbacks/quality_checkpoint.py``.
 """
 
@@ -73,8 +73,8 @@ class DreamBenchEvaluation(L.Callback):
     ``eval/<metric>`` scalars and the grids.
 
     Args:
-        dino_model: DINO model id or folder (METHOD.md: facebook/dino-vits16).
-        clip_model: CLIP model id or folder (METHOD.md: openai/clip-vit-base-patch32).
+        dino_model: DINO model id or folder (the protocol's: facebook/dino-vits16).
+        clip_model: CLIP model id or folder (the protocol's: openai/clip-vit-base-patch32).
         lpips_net: LPIPS backbone; ``none`` leaves LPIPS out. Needs torchvision: without it LPIPS is
             left out with a message, never reported as 0.
         dirname: output folder under the run directory.

@@ -1,7 +1,7 @@
 """Subject masks (white = subject): loading, checking, cropping like their image, and down-sampling for the losses.
 
 A mask restricts the mean of a loss to the subject: L_inst / L_prior over the subject's latent
-elements, L_pdm over the subject's tokens (METHOD.md). Masks come from a user folder (same file
+elements, L_pdm over the subject's tokens (docs/method.md). Masks come from a user folder (same file
 stem as the photo) or from a segmentation model (``pdm_lightning.data.segmentation``), which
 writes them to a cache folder; either way they are read from files here, so the dataset treats
 both alike. The user's folders are only read.
@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ MIN_COVERAGE = 0.01
 # Two sizes with aspect ratios this close count as the same picture at another scale (rounding of
 # an exported mask): the mask is resized to its image. Anything further apart is refused.
 ASPECT_TOLERANCE = 0.01
+
+MaskMode = Literal["binary", "soft"]
 
 
 @dataclass
@@ -52,6 +55,9 @@ class MaskSettings:
         mask_prior_loss: restrict the prior loss to the class subject (class images are masked by
             ``auto_mask_model``, since generated class images have no user masks).
         mask_pdm_loss: restrict the PDM loss to the subject's tokens.
+        mode: how a mask is brought down to the latent and token grids: ``binary`` (the reference's
+            rule: any latent cell with some subject counts fully as subject) or ``soft`` (each cell
+            weighted by the fraction of subject it holds).
     """
 
     instance_mask_dir: str | None = None
@@ -64,6 +70,7 @@ class MaskSettings:
     mask_instance_loss: bool = False
     mask_prior_loss: bool = False
     mask_pdm_loss: bool = False
+    mode: MaskMode = "binary"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -258,16 +265,22 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
 # Latent and token resolution
 
 
-def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Pixel mask [B, 1, H, W] in [0, 1] -> latent mask [B, 1, h, w] by area averaging.
+def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int], mode: MaskMode = "binary") -> torch.Tensor:
+    """Pixel mask [B, 1, H, W] in [0, 1] -> latent mask [B, 1, h, w].
 
-    A latent element that is partly subject gets that fraction as its weight, so the masked mean
-    (``losses.diffusion.per_sample_mse``) weighs boundary elements by how much subject they hold
-    instead of a hard in/out decision.
+    ``binary`` (the reference's rule): every latent element that holds any subject counts as subject
+    (1), the rest 0, which grows the subject by up to one latent cell at its border. ``soft``: the
+    area average, so a boundary element is weighted by the fraction of subject it holds.
     """
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(f"mask must be [B, 1, H, W], got {tuple(mask.shape)}.")
-    return F.interpolate(mask.float(), size=tuple(latent_hw), mode="area")
+    latent = F.interpolate(mask.float(), size=tuple(latent_hw), mode="area")
+    return binarize(latent) if mode == "binary" else latent
+
+
+def binarize(mask: torch.Tensor) -> torch.Tensor:
+    """1 wherever the mask has any coverage, else 0."""
+    return (mask > 0).to(mask.dtype)
 
 
 def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -284,11 +297,12 @@ def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     return rows, cols
 
 
-def mask_to_tokens(mask_latent: torch.Tensor, tokens_hw: tuple[int, int] | int) -> torch.Tensor:
+def mask_to_tokens(mask_latent: torch.Tensor, tokens_hw: tuple[int, int] | int, mode: MaskMode = "binary") -> torch.Tensor:
     """Latent mask [B, 1, h, w] -> per-token weights [B, rows * cols], flattened row-major like diffusers' tokens.
 
     ``tokens_hw`` is the layer's token grid, or its number of tokens (grid inferred from the latent's
-    shape). Area averaging when the grid is coarser than the latent, bilinear when finer.
+    shape). A coarser grid takes the area average (``binary``: then any coverage counts as subject),
+    a finer one bilinear weights (``binary``: nearest, so it stays 0 / 1).
     """
     if mask_latent.ndim != 4 or mask_latent.shape[1] != 1:
         raise ValueError(f"mask_latent must be [B, 1, h, w], got {tuple(mask_latent.shape)}.")
@@ -298,8 +312,13 @@ def mask_to_tokens(mask_latent: torch.Tensor, tokens_hw: tuple[int, int] | int) 
     mask = mask_latent.float()
     if (rows, cols) != tuple(mask.shape[-2:]):
         finer = rows > mask.shape[-2] or cols > mask.shape[-1]
-        mode = {"mode": "bilinear", "align_corners": False} if finer else {"mode": "area"}
-        mask = F.interpolate(mask, size=(rows, cols), **mode)
+        if finer:
+            resize = {"mode": "nearest"} if mode == "binary" else {"mode": "bilinear", "align_corners": False}
+        else:
+            resize = {"mode": "area"}
+        mask = F.interpolate(mask, size=(rows, cols), **resize)
+    if mode == "binary":
+        mask = binarize(mask)
     return mask.flatten(1)
 
 

@@ -20,7 +20,7 @@ class PDMFeatures:
             built (or reused) in ``cache_dir``.
         cache_dir: root of the bank cache (default ``$PDM_LIGHTNING_CACHE`` or ``~/.cache/pdm_lightning/pdm_bank``);
             a second run with the same model, images, prompt, resolution, layer and steps reuses it.
-        inversion_steps: DDIM inversion steps; None is METHOD.md's faithful 999 (a row for every
+        inversion_steps: DDIM inversion steps; None is the method's faithful 999 (a row for every
             timestep). Fewer (e.g. 50) is ~20x cheaper; PDM timesteps are then drawn from that trajectory.
         dtype: storage dtype of the teacher queries (float16 halves the disk and I/O of float32).
         compute_dtype: dtype the frozen model runs in during extraction.

@@ -1,1 +1,1 @@
-"""DreamBench evaluation: prompts, embeddings, metrics (METHOD.md's definitions) and reports."""
+"""DreamBench evaluation: prompts, embeddings, metrics (defined in docs/method.md) and reports."""

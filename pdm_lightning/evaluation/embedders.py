@@ -42,7 +42,7 @@ def embed_in_batches(items: Sequence, batch_size: int, embed, dim: int) -> torch
 
 
 class DinoEmbedder:
-    """DINO ViT CLS-token embeddings (METHOD.md: ViT-S/16)."""
+    """DINO ViT CLS-token embeddings (the protocol's: ViT-S/16)."""
 
     def __init__(self, model_name_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
         self.processor = _image_processor(model_name_or_path)
@@ -58,7 +58,7 @@ class DinoEmbedder:
 
 
 class ClipEmbedder:
-    """CLIP image and text embeddings in the shared projection space (METHOD.md: ViT-B/32)."""
+    """CLIP image and text embeddings in the shared projection space (the protocol's: ViT-B/32)."""
 
     def __init__(self, model_name_or_path: str = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
         self.processor = _image_processor(model_name_or_path)

@@ -1,4 +1,4 @@
-"""The DreamBench metrics of METHOD.md as pure functions on embeddings (no model needed to test them).
+"""The DreamBench metrics (docs/method.md) as pure functions on embeddings (no model needed to test them).
 
 Every similarity is the cosine of L2-normalised embeddings. Means over "all pairs" take every
 (generated, real) combination; diversity means take the upper triangle (i < j) of the similarity

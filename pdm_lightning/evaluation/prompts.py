@@ -3,7 +3,8 @@
 The file (published with the DreamBooth dataset) holds a ``subject_name,class`` table and two
 prompt lists, one for objects and one for live subjects, as Python ``'...'.format(unique_token,
 class_token)`` lines. By the DreamBench convention the live subjects are the cats and dogs.
-The two lists are also bundled here, so the evaluation works without the file.
+The file is bundled with the package (``BUNDLED_PROMPTS_FILE``, read once by ``bundled_dreambench()``), so
+the evaluation and the runner work without the dataset; ``OBJECT_PROMPTS`` / ``LIVE_PROMPTS`` are its lists.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from pdm_lightning.data.images import InputDataError
@@ -18,52 +20,19 @@ from pdm_lightning.identifier import infer_identifier
 
 LIVE_SUBJECT_CLASSES = frozenset({"cat", "dog"})
 
-_RECONTEXTUALIZATION = (
-    "a {0} {1} in the jungle",
-    "a {0} {1} in the snow",
-    "a {0} {1} on the beach",
-    "a {0} {1} on a cobblestone street",
-    "a {0} {1} on top of pink fabric",
-    "a {0} {1} on top of a wooden floor",
-    "a {0} {1} with a city in the background",
-    "a {0} {1} with a mountain in the background",
-    "a {0} {1} with a blue house in the background",
-    "a {0} {1} on top of a purple rug in a forest",
-)
-_PROPERTY_CHANGES = ("a red {0} {1}", "a purple {0} {1}", "a shiny {0} {1}", "a wet {0} {1}", "a cube shaped {0} {1}")
-OBJECT_PROMPTS: tuple[str, ...] = _RECONTEXTUALIZATION + (
-    "a {0} {1} with a wheat field in the background",
-    "a {0} {1} with a tree and autumn leaves in the background",
-    "a {0} {1} with the Eiffel Tower in the background",
-    "a {0} {1} floating on top of water",
-    "a {0} {1} floating in an ocean of milk",
-    "a {0} {1} on top of green grass with sunflowers around it",
-    "a {0} {1} on top of a mirror",
-    "a {0} {1} on top of the sidewalk in a crowded street",
-    "a {0} {1} on top of a dirt road",
-    "a {0} {1} on top of a white rug",
-) + _PROPERTY_CHANGES
-LIVE_PROMPTS: tuple[str, ...] = _RECONTEXTUALIZATION + (
-    "a {0} {1} wearing a red hat",
-    "a {0} {1} wearing a santa hat",
-    "a {0} {1} wearing a rainbow scarf",
-    "a {0} {1} wearing a black top hat and a monocle",
-    "a {0} {1} in a chef outfit",
-    "a {0} {1} in a firefighter outfit",
-    "a {0} {1} in a police outfit",
-    "a {0} {1} wearing pink glasses",
-    "a {0} {1} wearing a yellow shirt",
-    "a {0} {1} in a purple wizard outfit",
-) + _PROPERTY_CHANGES
+BUNDLED_PROMPTS_FILE = Path(__file__).with_name("dreambench_prompts_and_classes.txt")
+"""DreamBench's ``prompts_and_classes.txt``, shipped with the package (CC BY 4.0, see DREAMBENCH_CREDITS.md)."""
 
 
 @dataclass(frozen=True)
 class DreamBenchPrompts:
-    """The contents of a ``prompts_and_classes.txt``: subject -> class, and the two prompt templates lists."""
+    """The contents of a ``prompts_and_classes.txt``: subject -> class, and the two prompt templates lists.
 
-    classes: dict[str, str] = field(default_factory=dict)
-    object_prompts: tuple[str, ...] = OBJECT_PROMPTS
-    live_prompts: tuple[str, ...] = LIVE_PROMPTS
+    ``DreamBenchPrompts()`` is the bundled file's contents (``bundled_dreambench()``)."""
+
+    classes: dict[str, str] = field(default_factory=lambda: dict(bundled_dreambench().classes))
+    object_prompts: tuple[str, ...] = field(default_factory=lambda: bundled_dreambench().object_prompts)
+    live_prompts: tuple[str, ...] = field(default_factory=lambda: bundled_dreambench().live_prompts)
 
     def templates_for(self, class_noun: str) -> tuple[str, ...]:
         return self.live_prompts if is_live_subject(class_noun) else self.object_prompts
@@ -105,6 +74,16 @@ def parse_prompts_and_classes(path: str | os.PathLike) -> DreamBenchPrompts:
             "and 'Live Subject Prompts' lists): fix the file or leave prompts_file unset to use the bundled prompts."
         )
     return DreamBenchPrompts(classes, tuple(lists["object"]), tuple(lists["live"]))
+
+
+@lru_cache(maxsize=1)
+def bundled_dreambench() -> DreamBenchPrompts:
+    """The bundled ``prompts_and_classes.txt``: DreamBench's 30 subject classes and its two prompt lists."""
+    return parse_prompts_and_classes(BUNDLED_PROMPTS_FILE)
+
+
+OBJECT_PROMPTS: tuple[str, ...] = bundled_dreambench().object_prompts
+LIVE_PROMPTS: tuple[str, ...] = bundled_dreambench().live_prompts
 
 
 def fill_prompt(template: str, identifier: str, class_noun: str) -> str:

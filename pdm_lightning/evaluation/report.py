@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pdm_lightning.atomic import write_bytes_atomically
 from pdm_lightning.generate import save_png_with_metadata
 
-# Report order and display names (METHOD.md).
+# Report order and display names (docs/method.md).
 METRIC_NAMES = {
     "dino_i": "DINO-I", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_d": "DINO-D", "clip_d": "CLIP-D",
     "lpips_i": "LPIPS-I", "lpips_d": "LPIPS-D", "pres": "PRES",

@@ -31,8 +31,8 @@ class EvaluationSettings:
         identifier: e.g. ``sks``; None reads it off the instance and class prompts.
         class_noun: e.g. ``dog``; None reads it off the instance and class prompts.
         num_images_per_prompt: images generated per prompt (DreamBench: 4).
-        num_inference_steps: sampler steps (METHOD.md: 50).
-        guidance_scale: classifier-free guidance (METHOD.md: 7.5).
+        num_inference_steps: sampler steps (DreamBench protocol: 50).
+        guidance_scale: classifier-free guidance (DreamBench protocol: 7.5).
         scheduler: sampler name (see pdm_lightning.model.inference.SCHEDULERS).
         seed: image k of every prompt uses ``derive_seed(seed, k)`` (as predict does), the same for
             every prompt and checkpoint.

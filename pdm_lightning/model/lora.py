@@ -18,10 +18,15 @@ class LoraSettings:
 
     Args:
         rank: adapter rank r.
-        alpha: scale numerator (the update is scaled by alpha / rank); None means alpha = rank.
+        alpha: scale numerator (the update is scaled by alpha / rank); None means alpha = rank (scale 1).
         dropout: dropout on the adapter's input.
-        init_lora_weights: peft initialisation (True: B = 0, so training starts at the base model;
-            "gaussian": A ~ N(0, 1/r); False: random B too, for tests only).
+        init_lora_weights: peft's initialisation of the adapters. "gaussian" (default) is the reference's:
+            down matrix A ~ N(0, (1/rank)^2), up matrix B = 0, so training starts at the base model and
+            lr 1e-4 means what it means in the reference (docs/method.md). True is peft's default
+            (kaiming-uniform A, B = 0; about an order of magnitude smaller updates at the same lr);
+            "orthogonal" is peft's orthogonal init (even ranks; B A = 0 at the start). peft's inits that
+            rewrite the base weights (pissa, olora) are not offered: the exports assume an untouched base.
+            False draws B at random too (the adapters then change the model from step 0: for tests only).
         unet_target_modules: UNet linear layers that get adapters.
         text_encoder_target_modules: CLIP text encoder layers that get adapters (with train_text_encoder).
     """
@@ -29,7 +34,7 @@ class LoraSettings:
     rank: int = 4
     alpha: float | None = None
     dropout: float = 0.0
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | Literal["gaussian", "orthogonal"] = "gaussian"
     unet_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 

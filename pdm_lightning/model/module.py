@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from pdm_lightning.data.masks import mask_to_latent, mask_to_tokens
+from pdm_lightning.data.masks import MaskMode, mask_to_latent, mask_to_tokens
 from pdm_lightning.data.sampler import derive_seed
 from pdm_lightning.generate import GenerationSettings, ImageJob, sample_images
 from pdm_lightning.losses.diffusion import (
@@ -52,7 +52,7 @@ class DreamBoothModule(L.LightningModule):
         revision: hub revision of the base model.
         variant: weight variant to load, e.g. "fp16".
         train_text_encoder: also fine-tune the text encoder.
-        learning_rate: peak learning rate (anchor: 1e-6 full fine-tune per METHOD.md).
+        learning_rate: peak learning rate (the reference's full fine-tune: 1e-6; its LoRA recipe: 1e-4).
         prior_loss_weight: weight of the prior-preservation loss.
         offset_noise: offset-noise strength (0 disables; 0.05-0.1 is common).
         snr_gamma: min-SNR-gamma loss weighting (None disables; 5.0 is the paper's value).
@@ -63,7 +63,7 @@ class DreamBoothModule(L.LightningModule):
         lora: train LoRA adapters (on the UNet, and on the text encoder with train_text_encoder)
             instead of the full weights; None fine-tunes the full weights.
         use_pdm_loss: add the PDM loss (PDMBooth); the data module then supplies the PDM chunk.
-        pdm_loss_weight: weight of the PDM loss; None takes METHOD.md's: 0.1 full fine-tune, 0.05 with LoRA.
+        pdm_loss_weight: weight of the PDM loss; None takes the method's: 0.1 full fine-tune, 0.05 with LoRA.
         pdm_layer: module path of the ``to_q`` whose output is the appearance query (SD1.5 default).
         pdm_teacher: ``bank`` reads the teacher's queries from the feature bank; ``on_the_fly`` recomputes
             them from stored latents with the pretrained UNet (the same UNet with adapters off under LoRA,
@@ -71,6 +71,8 @@ class DreamBoothModule(L.LightningModule):
         mask_instance_loss: restrict the instance loss to the subject (needs subject masks).
         mask_prior_loss: restrict the prior loss to the subject of each class image (needs class masks).
         mask_pdm_loss: restrict the PDM loss to the subject's tokens (needs subject masks).
+        mask_mode: ``binary`` (any latent cell with some subject counts as subject, as the reference)
+            or ``soft`` (area weights); set with the masks (``--data.masks.mode``).
     """
 
     def __init__(
@@ -79,7 +81,7 @@ class DreamBoothModule(L.LightningModule):
         revision: str | None = None,
         variant: str | None = None,
         train_text_encoder: bool = False,
-        learning_rate: float = 5e-6,
+        learning_rate: float = 1e-6,
         prior_loss_weight: float = 1.0,
         offset_noise: float = 0.0,
         snr_gamma: float | None = None,
@@ -95,6 +97,7 @@ class DreamBoothModule(L.LightningModule):
         mask_instance_loss: bool = False,
         mask_prior_loss: bool = False,
         mask_pdm_loss: bool = False,
+        mask_mode: MaskMode = "binary",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -236,7 +239,8 @@ class DreamBoothModule(L.LightningModule):
             student = self.query_capture.pop()[num_diffusion:]
             token_mask = None
             if self.hparams.mask_pdm_loss:
-                token_mask = mask_to_tokens(self._latent_mask(batch, "pdm", latents.shape[-2:]), student.shape[1])
+                latent_mask = self._latent_mask(batch, "pdm", latents.shape[-2:])
+                token_mask = mask_to_tokens(latent_mask, student.shape[1], self.hparams.mask_mode)
             loss_pdm = pdm_loss(student, self.teacher_queries(batch), token_mask)
             total = total + self.pdm_loss_weight * loss_pdm
             self.log("train/loss_pdm", loss_pdm)
@@ -268,7 +272,7 @@ class DreamBoothModule(L.LightningModule):
                 f"mask_{loss}_loss is on but the batch has no {key}: give the data module subject masks "
                 "(--data.masks.instance_mask_dir, or --data.masks.auto_mask_model)."
             )
-        return mask_to_latent(batch[key], latent_hw)
+        return mask_to_latent(batch[key], latent_hw, self.hparams.mask_mode)
 
     def teacher_queries(self, batch: dict[str, Any]) -> torch.Tensor:
         """The pretrained model's queries for the batch's PDM chunk: read from the bank, or recomputed."""

@@ -45,7 +45,7 @@ class BankSettings:
 
     Args:
         pretrained_model_name_or_path: the frozen base model (local diffusers folder or hub id).
-        class_prompt: the prompt the inversion is conditioned on (METHOD.md: the class prompt).
+        class_prompt: the prompt the inversion is conditioned on (the method's: the class prompt).
         resolution: training resolution; each image's center crop at this size is inverted.
         revision / variant: of the base model.
         layer: module path of the captured query projection inside the UNet.

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-# METHOD.md: to_q of the first self-attention of the first transformer block of the last attention
+# docs/method.md: to_q of the first self-attention of the first transformer block of the last attention
 # module of the last up block (SD1.5 at 512 px: 4096 tokens x 320).
 DEFAULT_PDM_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q"
 

@@ -1,4 +1,4 @@
-"""Deterministic DDIM inversion and reconstruction (METHOD.md, "The teacher query bank"), batched over images.
+"""Deterministic DDIM inversion and reconstruction (docs/method.md, "The teacher query bank"), batched over images.
 
 The equations are pure functions of tensors; the loop takes the UNet as a callable, so it runs
 with any model (and is testable against a plainly written loop without a scheduler class).
