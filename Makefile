@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 quickstart: install
 	$(BIN)/python -m pdm_lightning.tiny runs/tiny-sd
-	$(BIN)/python train.py fit --config configs/quickstart_pdm.yaml
+	$(BIN)/python train.py fit --config configs/quickstart.yaml --config configs/quickstart/pdm.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -18,11 +18,16 @@ import sys
 
 import torch
 
-from pdm_lightning.data.images import InputDataError
-from pdm_lightning.generate import GenerationSettings, chunked, collect_prompts, generate_images, plan_jobs
-from pdm_lightning.model.inference import SCHEDULERS
-from pdm_lightning.model.loading import DTYPES
+from pdm_lightning.core.dtypes import DTYPES
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.generation.jobs import chunked, plan_jobs
+from pdm_lightning.generation.prompts import collect_prompts
+from pdm_lightning.generation.sampling import generate_images
+from pdm_lightning.generation.schedulers import SCHEDULERS
+from pdm_lightning.generation.settings import GenerationSettings
 from pdm_lightning.predict_sources import build_pipeline
+
+DEFAULTS = GenerationSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="outputs", help="folder for the PNGs (grids in OUT/grids)")
     parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=30, help="sampler steps")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--negative_prompt", default=None)
-    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpmsolver++", help="sampler")
-    parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    parser.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--steps", type=int, default=DEFAULTS.num_inference_steps, help="sampler steps")
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULTS.guidance_scale)
+    parser.add_argument("--negative_prompt", default=DEFAULTS.negative_prompt)
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULTS.scheduler, help="sampler")
+    parser.add_argument("--height", type=int, default=DEFAULTS.height, help="default: the model's native size")
+    parser.add_argument("--width", type=int, default=DEFAULTS.width, help="default: the model's native size")
     parser.add_argument("--batch_size", type=int, default=4, help="images per sampling batch")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -24,8 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import add_model_and_threads_arguments, benchmark_workspace  # noqa: E402
-from pdm_lightning.data.images import list_image_files  # noqa: E402
-from pdm_lightning.model.loading import load_components  # noqa: E402
+from pdm_lightning.core.images import list_image_files
+from pdm_lightning.core.loading import load_components
 from pdm_lightning.pdm.bank import BankSettings, QueryBank, build_bank  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Training step time with and without the PDM loss (bank and on-the-fly teachers), through the real CLI.
 
     python benchmarks/pdm_step_time.py                  # tiny random model, CPU, 64 px, batch 1
-    python benchmarks/pdm_step_time.py --config configs/sd15_dreambooth.yaml --resolution 512 --accelerator gpu \\
+    python benchmarks/pdm_step_time.py --config configs/sd15/base.yaml --config configs/sd15/dreambooth.yaml --resolution 512 --accelerator gpu \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5
 
 Each variant trains ``--steps`` steps after ``--warmup`` untimed ones (the teacher bank is built
@@ -29,8 +29,8 @@ from pdm_lightning.cli import cli_main  # noqa: E402
 
 VARIANTS = {
     "DreamBooth (no PDM)": [],
-    "PDM, bank teacher": ["--model.use_pdm_loss", "true"],
-    "PDM, on-the-fly teacher": ["--model.use_pdm_loss", "true", "--model.pdm_teacher", "on_the_fly"],
+    "PDM, bank teacher": ["--model.pdm", "{}"],
+    "PDM, on-the-fly teacher": ["--model.pdm", "{}", "--model.pdm.teacher", "on_the_fly"],
 }
 
 
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
             "--data.with_prior_preservation", "false",
             "--data.resolution", str(args.resolution),
             "--data.train_batch_size", str(args.batch_size),
-            "--data.pdm_features.inversion_steps", str(args.inversion_steps),
-            "--data.pdm_features.cache_dir", str(tmp / "bank-cache"),
+            "--model.pdm.inversion_steps", str(args.inversion_steps),
+            "--model.pdm.cache_dir", str(tmp / "bank-cache"),
             "--trainer.accelerator", args.accelerator,
             "--trainer.logger.init_args.save_dir", str(tmp / "run"),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

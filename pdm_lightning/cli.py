@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -16,9 +18,9 @@ from pdm_lightning.callbacks.evaluation import DreamBenchEvaluation
 from pdm_lightning.callbacks.predictions import PredictionWriter
 from pdm_lightning.callbacks.quality_checkpoint import QualityCheckpoint
 from pdm_lightning.callbacks.samples import SampleImages
-from pdm_lightning.data.datamodule import DreamBoothDataModule
-from pdm_lightning.data.images import InputDataError
-from pdm_lightning.model.module import DreamBoothModule
+from pdm_lightning.training.datamodule import DreamBoothDataModule
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.training.module import DreamBoothModule
 
 # The run directory is the logger's folder (name and version empty), so checkpoints/, the
 # TensorBoard events and export/ sit at one stable path and `--ckpt_path last` finds last.ckpt there.
@@ -44,12 +46,19 @@ class SaveFitConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+def model_source(pretrained_model_name_or_path: str, revision: str | None, variant: str | None) -> dict[str, str | None]:
+    """The model's three base-model options as the data module's ``base_model`` record."""
+    return {"pretrained_model_name_or_path": pretrained_model_name_or_path, "revision": revision, "variant": variant}
+
+
 class PDMLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The base model is named once; the data module needs it for the tokenizer and class images.
-        # The PDM switches are set on the model; the data module builds the matching bank and chunk.
-        for key in ("pretrained_model_name_or_path", "revision", "variant", "use_pdm_loss", "pdm_layer", "pdm_teacher"):
-            parser.link_arguments(f"model.{key}", f"data.{key}")
+        # The base model is named once, on the model; the data module needs it for the tokenizer, the
+        # class images and the bank. The PDM settings too: the data module builds the matching chunk.
+        parser.link_arguments(
+            ("model.pretrained_model_name_or_path", "model.revision", "model.variant"), "data.base_model", compute_fn=model_source
+        )
+        parser.link_arguments("model.pdm", "data.pdm")
         # The mask switches are set with the masks (the data module prepares only the masks they need).
         for key in ("mask_instance_loss", "mask_prior_loss", "mask_pdm_loss"):
             parser.link_arguments(f"data.masks.{key}", f"model.{key}")
@@ -99,14 +108,21 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PDMLightningCLI
     )
 
 
-def main() -> None:
-    """``train.py``: the CLI, with input problems reported as one clear line instead of a traceback."""
-    sys.argv[1:] = with_commented_print_config(sys.argv[1:])
+@contextmanager
+def report_input_errors() -> Iterator[None]:
+    """Input problems as one clear line (and exit status 2) instead of a traceback."""
     try:
-        cli_main()
+        yield
     except InputDataError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    """``train.py``: the CLI."""
+    sys.argv[1:] = with_commented_print_config(sys.argv[1:])
+    with report_input_errors():
+        cli_main()
 
 
 if __name__ == "__main__":  # `python -m pdm_lightning.cli` = train.py (used by pdm_lightning.runner)

@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from pdm_lightning.data.images import InputDataError, validate_image_folder
-from pdm_lightning.pdm.bank import COMPUTE_DTYPES, MODES, STORAGE_DTYPES, BankSettings, QueryBank, build_bank
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.core.images import validate_image_folder
+from pdm_lightning.core.dtypes import DTYPES
+from pdm_lightning.pdm.bank import MODES, STORAGE_DTYPES, BankSettings, QueryBank, build_bank
 from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER
 
 
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer", default=DEFAULT_PDM_LAYER, help="module path of the captured query projection")
     parser.add_argument("--batch_size", type=int, default=1, help="images inverted together (one UNet call per step)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--compute_dtype", choices=tuple(COMPUTE_DTYPES), default="float32", help="dtype the models run in")
+    parser.add_argument("--compute_dtype", choices=tuple(DTYPES), default="float32", help="dtype the models run in")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -60,7 +62,7 @@ def check_out_folder(out: Path, instance_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from pdm_lightning.model.loading import check_model_source
+    from pdm_lightning.core.loading import check_model_source
 
     try:
         images = validate_image_folder(args.instance_data_dir, "--instance_data_dir", args.resolution)

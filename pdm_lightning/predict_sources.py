@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pdm_lightning.data.images import InputDataError
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.core.loading import check_model_source, load_pipeline
 from pdm_lightning.export.lora_diffusers import LORA_WEIGHT_NAME
-from pdm_lightning.model.inference import inference_pipeline
-from pdm_lightning.model.loading import check_model_source, load_pipeline
-from pdm_lightning.model.module import DreamBoothModule
+from pdm_lightning.generation.sampling import inference_pipeline
+from pdm_lightning.training.module import DreamBoothModule
 
 
 def _existing(path: str | Path, role: str, fix: str) -> Path:
@@ -98,10 +98,7 @@ def checkpoint_hyperparameters(path: Path) -> dict:
 
 def drop_training_parts(module: DreamBoothModule) -> DreamBoothModule:
     """Removes what only training uses: the PDM query hook and the on-the-fly teacher's UNet copy."""
-    if module.query_capture is not None:
-        module.query_capture.remove()
-        module.query_capture = None
-    module.teacher_unet = None  # a full UNet copy (full fine-tune, on-the-fly PDM teacher)
+    module.release_pdm_teacher()
     return module
 
 

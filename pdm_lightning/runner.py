@@ -1,7 +1,7 @@
 """Train and evaluate every subject of a DreamBench-style folder, then tabulate the metrics.
 
     python -m pdm_lightning.runner --dreambench examples --subjects dog backpack \
-        --config configs/sd15_dreambooth.yaml --out runs/dreambench [-- --trainer.max_steps 400 ...]
+        --config configs/sd15/base.yaml --config configs/sd15/dreambooth.yaml --out runs/dreambench [-- --trainer.max_steps 400 ...]
 
 ``examples`` holds two bundled DreamBench subjects (5 photos each, see examples/CREDITS.md); for the
 full benchmark pass the dataset (30 subject folders + ``prompts_and_classes.txt``) as
@@ -27,12 +27,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdm_lightning.atomic import write_bytes_atomically
 from pdm_lightning.callbacks.quality_checkpoint import best_scored_checkpoint
-from pdm_lightning.data.images import InputDataError
-from pdm_lightning.evaluation.prompts import BUNDLED_PROMPTS_FILE, parse_prompts_and_classes
+from pdm_lightning.core.atomic import write_bytes_atomically
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.evaluation.prompts import (
+    BUNDLED_PROMPTS_FILE,
+    parse_prompts_and_classes,
+)
 from pdm_lightning.evaluation.report import write_subject_table
-from pdm_lightning.generate import slugify
+from pdm_lightning.generation.files import slugify
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 DONE_MARKER = "DONE.json"
@@ -72,10 +75,13 @@ def find_subjects(dreambench: Path, selected: Sequence[str] | None = None) -> tu
     return [Subject(n, classes[n], dreambench / n) for n in names], prompts_file
 
 
-def subject_arguments(subject: Subject, config: str | None, out: Path, identifier: str, prompts_file: Path, extra: Sequence[str]) -> list[str]:
-    """The CLI arguments (without subcommand) shared by the subject's fit and test."""
+def subject_arguments(
+    subject: Subject, config: str | Sequence[str] | None, out: Path, identifier: str, prompts_file: Path, extra: Sequence[str]
+) -> list[str]:
+    """The CLI arguments (without subcommand) shared by the subject's fit and test; ``config``: one or several, in order."""
+    configs = [config] if isinstance(config, str) else list(config or ())
     return [
-        *(["--config", str(config)] if config else []),
+        *(arg for path in configs for arg in ("--config", str(path))),
         "--data.instance_data_dir", str(subject.folder),
         "--data.instance_prompt", f"a photo of {identifier} {subject.class_noun}",
         "--data.class_prompt", f"a photo of {subject.class_noun}",
@@ -128,7 +134,7 @@ def run_subject(subject: Subject, args: list[str], run_dir: Path, checkpoint: st
 def run_benchmark(
     dreambench: Path,
     out: Path,
-    config: str | None = None,
+    config: str | Sequence[str] | None = None,
     subjects: Sequence[str] | None = None,
     identifier: str = "sks",
     checkpoint: str = "last",
@@ -162,7 +168,8 @@ def run_benchmark(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dreambench", required=True, type=Path, help="folder of subject folders (+ prompts_and_classes.txt; default: the bundled DreamBench one), e.g. examples")
-    parser.add_argument("--config", help="train.py config used for every subject (e.g. configs/sd15_dreambooth.yaml)")
+    parser.add_argument("--config", action="append", help="train.py config used for every subject; repeat it to compose "
+                        "(e.g. --config configs/sd15/base.yaml --config configs/sd15/dreambooth.yaml)")
     parser.add_argument("--out", required=True, type=Path, help="one run folder per subject, the class images and the table")
     parser.add_argument("--subjects", nargs="+", help="only these subjects (default: all of the classes table)")
     parser.add_argument("--identifier", default="sks", help="rare token bound to each subject (default: sks)")

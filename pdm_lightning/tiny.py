@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from pdm_lightning.atomic import staged_directory
+from pdm_lightning.core.atomic import staged_directory
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Whole-word tokens, so that prompts tokenize into words as with the real CLIP vocabulary.

@@ -8,8 +8,9 @@ import pytest
 from conftest import REPO_ROOT, folder_snapshot
 from PIL import Image
 
-from pdm_lightning.data.datamodule import DreamBoothDataModule
-from pdm_lightning.data.images import InputDataError
+from pdm_lightning.training.datamodule import DreamBoothDataModule
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.core.loading import ModelSource
 
 INSTANCE_PROMPT = "a photo of sks dog"
 
@@ -18,7 +19,7 @@ def make_datamodule(instance_data_dir, tiny_model_dir, **kwargs):
     return DreamBoothDataModule(
         instance_data_dir=str(instance_data_dir),
         instance_prompt=kwargs.pop("instance_prompt", INSTANCE_PROMPT),
-        pretrained_model_name_or_path=str(tiny_model_dir),
+        base_model=ModelSource(str(tiny_model_dir)),
         resolution=kwargs.pop("resolution", 64),
         **kwargs,
     )

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from conftest import folder_snapshot
-from pdm_lightning.data.class_images import (
+from pdm_lightning.prepare.class_images import (
     MANIFEST_NAME,
     ClassImageGeneration,
     generate_class_images,
 )
-from pdm_lightning.model.loading import load_pipeline
+from pdm_lightning.core.loading import load_pipeline
 
 SETTINGS = ClassImageGeneration(sample_batch_size=2, num_inference_steps=2, seed=7)
 

@@ -19,7 +19,7 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, tiny_model_dir: Path, instance
         "--data.with_prior_preservation", "true", "--data.num_class_images", "4",
         "--data.class_generation.num_inference_steps", "2",
         # The PDM chunk with masks: the bank is built once (rank 0) and every rank reads it.
-        "--model.use_pdm_loss", "true", "--data.pdm_features.inversion_steps", "4",
+        "--model.pdm", "{}", "--model.pdm.inversion_steps", "4",
         "--data.masks.instance_mask_dir", str(REPO_ROOT / "examples" / "dog_masks"), "--data.masks.mask_pdm_loss", "true",
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PDM_LIGHTNING_CACHE": str(tmp_path / "bank-cache")}

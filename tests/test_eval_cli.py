@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import quickstart_args
 from pdm_lightning.callbacks.quality_checkpoint import best_scored_checkpoint, score_file
 from pdm_lightning.cli import cli_main
-from pdm_lightning.data.images import list_image_files, load_rgb_image
+from pdm_lightning.core.images import list_image_files, load_rgb_image
 from pdm_lightning.evaluation.embedders import ClipEmbedder, DinoEmbedder
 from pdm_lightning.evaluation.metrics import all_pairs_mean, matched_pairs_mean
 from pdm_lightning.evaluation.tiny_models import save_tiny_evaluation_models

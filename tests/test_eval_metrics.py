@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pdm_lightning.data.images import InputDataError
+from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.evaluation.metrics import (
     all_pairs_distance_mean,
     all_pairs_mean,
@@ -26,13 +26,13 @@ from pdm_lightning.evaluation.prompts import (
     LIVE_PROMPTS,
     OBJECT_PROMPTS,
     evenly_spaced,
-    fill_prompt,
     parse_prompts_and_classes,
     split_identifier_and_class,
 )
 from pdm_lightning.evaluation.report import write_csv_report, write_subject_table
-from pdm_lightning.callbacks.evaluation import undefined_metric_reasons
+from pdm_lightning.evaluation.scoring import undefined_metric_reasons
 from pdm_lightning.evaluation.settings import EvaluationSettings, build_plan
+from pdm_lightning.generation.prompts import fill_prompt
 
 S2 = math.sqrt(2)
 
@@ -128,12 +128,12 @@ def test_plan_seeds_prompts_and_pres_requests() -> None:
     settings = EvaluationSettings(max_prompts=3, num_images_per_prompt=2, pres_num_images=2)
     plan = build_plan(settings, "a photo of sks cat", "a photo of cat")
     assert plan.prompts == ["a sks cat in the jungle", "a sks cat wearing a rainbow scarf", "a cube shaped sks cat"]
-    subject = [r for r in plan.requests if r["kind"] == "subject"]
-    cls = [r for r in plan.requests if r["kind"] == "class"]
-    assert len(subject) == 6 and [r["prompt"] for r in cls] == ["a cat", "a cat"]
+    subject = [j for j in plan.jobs if j.kind == "subject"]
+    cls = [j for j in plan.jobs if j.kind == "class"]
+    assert len(subject) == 6 and [j.prompt for j in cls] == ["a cat", "a cat"]
     # Image k has the same seed for every prompt and for the class prompt; different k, different seed.
-    assert {r["seed"] for r in subject if r["image_index"] == 0} == {cls[0]["seed"]}
-    assert cls[0]["seed"] != cls[1]["seed"]
+    assert {j.seed for j in subject if j.image_index == 0} == {cls[0].seed}
+    assert cls[0].seed != cls[1].seed
     custom = build_plan(EvaluationSettings(prompt_set="custom", prompts=["{0} {1} at night", "a plain prompt"]), "a photo of sks cat", "a photo of cat")
     assert custom.prompts == ["sks cat at night", "a plain prompt"]
     assert evenly_spaced(list("abcde"), 2) == ["a", "e"]

@@ -15,7 +15,8 @@ from pdm_lightning.export.lora_diffusers import LORA_WEIGHT_NAME
 from pdm_lightning.export.lora_layers import lora_layers
 from pdm_lightning.export.verify import ExportVerificationError, check_file, verify_lora_loads
 from pdm_lightning.export.weights import ExportOptions, export_weights
-from pdm_lightning.model.inference import inference_pipeline, make_scheduler
+from pdm_lightning.generation.sampling import inference_pipeline
+from pdm_lightning.generation.schedulers import make_scheduler
 
 PROMPT = "a photo of sks dog"
 KOHYA_FILE = "pdm_lightning_lora.safetensors"

@@ -18,7 +18,7 @@ from pdm_lightning.export.single_file import (
     check_single_file_support,
 )
 from pdm_lightning.export.verify import ExportVerificationError, verify_single_file
-from pdm_lightning.model.loading import load_pipeline
+from pdm_lightning.core.loading import load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from conftest import folder_snapshot
 from pdm_lightning.features import main
 from pdm_lightning.pdm import DEFAULT_PDM_LAYER, BankSettings, open_bank
-from pdm_lightning.data.images import list_image_files
+from pdm_lightning.core.images import list_image_files
 
 
 @pytest.fixture(autouse=True)

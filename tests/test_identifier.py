@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import CLIPTokenizer
 
-from pdm_lightning.data.datamodule import DreamBoothDataModule
+from pdm_lightning.training.datamodule import DreamBoothDataModule
 from pdm_lightning.identifier import (
     check_identifier,
     infer_identifier,
@@ -18,6 +18,7 @@ from pdm_lightning.identifier import (
     warn_about_identifier,
 )
 from pdm_lightning.tiny import build_bpe_files, build_tokenizer
+from pdm_lightning.core.loading import ModelSource
 
 # Merges are learned most frequent first: "dog" and "the" are common here, "vyk" the rarest word.
 WORDS_BY_FREQUENCY = ("dog", "the", "red", "cat", "sun", "box", "car", "hat", "sks", "zwx", "qlo", "vyk", "ox")
@@ -82,7 +83,7 @@ def test_identifier_is_read_off_the_prompts() -> None:
 
 def test_datamodule_checks_the_identifier_before_fit(tiny_model_dir: Path, instance_dir: Path) -> None:
     def setup(instance_prompt: str) -> None:
-        DreamBoothDataModule(str(instance_dir), instance_prompt, str(tiny_model_dir), class_prompt="a photo of dog",
+        DreamBoothDataModule(str(instance_dir), instance_prompt, ModelSource(str(tiny_model_dir)), class_prompt="a photo of dog",
                              resolution=64).setup("fit")
 
     with pytest.warns(UserWarning, match="'zq' is 2 tokens"):

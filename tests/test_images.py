@@ -1,4 +1,4 @@
-"""Decoding and checking the user's photos (data/images.py) and the training examples (data/dataset.py)."""
+"""Decoding and checking the user's photos (core/images.py) and the training examples (data/crops.py, data/dataset.py, data/batch.py)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,11 @@ import torch
 from conftest import EXAMPLE_SUBJECT, folder_snapshot
 from PIL import Image
 
-from pdm_lightning.data.dataset import (
-    DreamBoothDataset,
-    collate_examples,
-    crop_box,
-    resize_shorter_side,
-    to_tensor,
-)
-from pdm_lightning.data.images import (
-    InputDataError,
-    list_image_files,
-    load_rgb_image,
-    to_rgb,
-    validate_image_folder,
-)
+from pdm_lightning.data.batch import Example, collate_examples
+from pdm_lightning.data.dataset import DreamBoothDataset
+from pdm_lightning.data.crops import crop_box, resize_shorter_side, to_tensor
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.core.images import list_image_files, load_rgb_image, to_rgb, validate_image_folder
 
 
 def pixels(image):
@@ -386,18 +377,20 @@ def test_dataset_length_is_the_longer_list_and_the_shorter_one_cycles(tmp_path):
     assert len(DreamBoothDataset(instance, INSTANCE_IDS, 32)) == 3
     assert len(DreamBoothDataset(classes, INSTANCE_IDS, 32, class_images=instance, class_input_ids=CLASS_IDS)) == 5
     example = dataset[4]
-    assert example["instance_pixel_values"].shape == (3, 32, 32)
-    assert example["class_pixel_values"].shape == (3, 32, 32)
-    assert _colour_of(example["instance_pixel_values"]) == [10 * (4 % 3), 100, 255 - 10 * (4 % 3)]
-    assert _colour_of(example["class_pixel_values"]) == [40, 100, 215]
-    assert torch.equal(example["instance_input_ids"], INSTANCE_IDS)
-    assert torch.equal(example["class_input_ids"], CLASS_IDS)
+    assert example.instance_pixel_values.shape == (3, 32, 32)
+    assert example.class_pixel_values.shape == (3, 32, 32)
+    assert _colour_of(example.instance_pixel_values) == [10 * (4 % 3), 100, 255 - 10 * (4 % 3)]
+    assert _colour_of(example.class_pixel_values) == [40, 100, 215]
+    assert torch.equal(example.instance_input_ids, INSTANCE_IDS)
+    assert torch.equal(example.class_input_ids, CLASS_IDS)
 
 
 def test_dataset_without_class_images_has_no_class_keys(tmp_path):
     """Without class images an example holds only the instance image and ids."""
     dataset = DreamBoothDataset(_solid_images(tmp_path, 2, "i"), INSTANCE_IDS, 32)
-    assert set(dataset[0]) == {"instance_pixel_values", "instance_input_ids"}
+    example = dataset[0]
+    filled = {name for name, value in vars(example).items() if value is not None}
+    assert filled == {"instance_pixel_values", "instance_input_ids"}
 
 
 def _noise_image(path, size=(96, 64), seed=0):
@@ -410,20 +403,20 @@ def test_dataset_crops_are_a_function_of_index_and_seed(tmp_path):
     """The same (index, crop_seed) gives identical tensors; other seeds give other crops; int i means (i, i)."""
     instance = [_noise_image(tmp_path / f"{i}.png", seed=i) for i in range(2)]
     dataset = DreamBoothDataset(instance, INSTANCE_IDS, 32)
-    first = dataset[(1, 5)]["instance_pixel_values"]
-    assert torch.equal(first, dataset[(1, 5)]["instance_pixel_values"])
-    others = [dataset[(1, seed)]["instance_pixel_values"] for seed in range(6, 12)]
+    first = dataset[(1, 5)].instance_pixel_values
+    assert torch.equal(first, dataset[(1, 5)].instance_pixel_values)
+    others = [dataset[(1, seed)].instance_pixel_values for seed in range(6, 12)]
     assert any(not torch.equal(first, other) for other in others)
-    assert torch.equal(dataset[3]["instance_pixel_values"], dataset[(3, 3)]["instance_pixel_values"])
+    assert torch.equal(dataset[3].instance_pixel_values, dataset[(3, 3)].instance_pixel_values)
 
 
 def test_dataset_center_crop_ignores_the_crop_seed(tmp_path):
     """center_crop=True: every crop seed gives the centre crop."""
     instance = [_noise_image(tmp_path / "0.png")]
     dataset = DreamBoothDataset(instance, INSTANCE_IDS, 32, center_crop=True)
-    first = dataset[(0, 1)]["instance_pixel_values"]
+    first = dataset[(0, 1)].instance_pixel_values
     for seed in range(2, 6):
-        assert torch.equal(first, dataset[(0, seed)]["instance_pixel_values"])
+        assert torch.equal(first, dataset[(0, seed)].instance_pixel_values)
     resized = resize_shorter_side(Image.open(instance[0]).convert("RGB"), 32)  # 48 x 32
     assert torch.equal(first, to_tensor(resized.crop((8, 0, 40, 32))))
 
@@ -440,29 +433,29 @@ def test_dataset_rejects_bad_arguments(tmp_path):
 
 
 def _example(value, with_class=True):
-    example = {"instance_pixel_values": torch.full((3, 4, 4), float(value)), "instance_input_ids": INSTANCE_IDS + value}
+    example = Example(torch.full((3, 4, 4), float(value)), INSTANCE_IDS + value)
     if with_class:
-        example["class_pixel_values"] = torch.full((3, 4, 4), float(value) + 10)
-        example["class_input_ids"] = CLASS_IDS + value
+        example.class_pixel_values = torch.full((3, 4, 4), float(value) + 10)
+        example.class_input_ids = CLASS_IDS + value
     return example
 
 
 def test_collate_with_prior_preservation_puts_instance_chunk_then_class_chunk():
     """Batch = [instance_0, instance_1, class_0, class_1]; num_instance is the instance chunk size."""
-    batch = collate_examples([_example(0), _example(1)], with_prior_preservation=True)
-    assert batch["num_instance"] == 2
-    assert batch["pixel_values"].shape == (4, 3, 4, 4)
-    assert batch["pixel_values"].dtype == torch.float32
-    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [0.0, 1.0, 10.0, 11.0]
-    assert torch.equal(batch["input_ids"], torch.stack([INSTANCE_IDS, INSTANCE_IDS + 1, CLASS_IDS, CLASS_IDS + 1]))
+    batch = collate_examples([_example(0), _example(1)])
+    assert batch.num_instance == 2
+    assert batch.pixel_values.shape == (4, 3, 4, 4)
+    assert batch.pixel_values.dtype == torch.float32
+    assert batch.pixel_values[:, 0, 0, 0].tolist() == [0.0, 1.0, 10.0, 11.0]
+    assert torch.equal(batch.input_ids, torch.stack([INSTANCE_IDS, INSTANCE_IDS + 1, CLASS_IDS, CLASS_IDS + 1]))
 
 
 def test_collate_without_prior_preservation_has_only_the_instance_chunk():
-    """Without prior preservation class entries are ignored and the batch is the instance chunk."""
-    batch = collate_examples([_example(0), _example(1), _example(2)], with_prior_preservation=False)
-    assert batch["num_instance"] == 3
-    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
-    assert torch.equal(batch["input_ids"], torch.stack([INSTANCE_IDS, INSTANCE_IDS + 1, INSTANCE_IDS + 2]))
+    """Without prior preservation (no class image in the examples) the batch is the instance chunk."""
+    batch = collate_examples([_example(0, with_class=False), _example(1, with_class=False), _example(2, with_class=False)])
+    assert batch.num_instance == 3 and batch.num_pdm == 0 and batch.class_mask is None
+    assert batch.pixel_values[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert torch.equal(batch.input_ids, torch.stack([INSTANCE_IDS, INSTANCE_IDS + 1, INSTANCE_IDS + 2]))
 
 
 def test_dark_16_bit_image_stays_dark():

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdm_lightning.model.lora import LoraSettings
-from pdm_lightning.model.module import DreamBoothModule
+from pdm_lightning.training.lora import LoraSettings
+from pdm_lightning.training.module import DreamBoothModule
 
 
 def adapter_matrices(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from pdm_lightning.callbacks.mask_preview import MaskPreview
+from pdm_lightning.training.datamodule import DreamBoothDataModule
 
 
 class OneParameter(L.LightningModule):
@@ -27,10 +28,18 @@ class OneParameter(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class MaskedData(L.LightningDataModule):
+class MaskedData(DreamBoothDataModule):
+    """What MaskPreview reads of the DreamBooth data module (its photo -> mask files), with stub batches."""
+
     def __init__(self, instance_mask_files: dict[Path, Path] | None) -> None:
-        super().__init__()
+        L.LightningDataModule.__init__(self)  # none of the DreamBooth inputs: nothing is prepared or loaded
         self.instance_mask_files = instance_mask_files
+
+    def prepare_data(self) -> None:
+        pass
+
+    def setup(self, stage: str) -> None:
+        pass
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.ones(2, 1)), batch_size=1)

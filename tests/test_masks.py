@@ -16,8 +16,8 @@ from PIL import Image
 from conftest import folder_snapshot
 from pdm_lightning.data import masks as masks_module
 from pdm_lightning.data import segmentation
-from pdm_lightning.data.dataset import load_training_crop, load_training_image
-from pdm_lightning.data.images import InputDataError
+from pdm_lightning.data.crops import load_training_crop, load_training_image
+from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.data.masks import (
     MaskSettings,
     check_mask_coverage,
@@ -26,11 +26,9 @@ from pdm_lightning.data.masks import (
     find_user_masks,
     load_subject_mask,
     mask_overlay,
-    mask_to_latent,
-    mask_to_tokens,
     resolve_instance_masks,
-    token_grid,
 )
+from pdm_lightning.losses.masks import mask_to_latent, mask_to_tokens, token_grid
 from pdm_lightning.losses.diffusion import per_sample_mse
 
 EXIF_ORIENTATION = 0x0112

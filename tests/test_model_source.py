@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pdm_lightning.data.datamodule import DreamBoothDataModule
-from pdm_lightning.data.images import InputDataError
-from pdm_lightning.model.loading import check_model_source
+from pdm_lightning.training.datamodule import DreamBoothDataModule
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.core.loading import check_model_source
+from pdm_lightning.core.loading import ModelSource
 
 
 def test_valid_local_folder_passes(tiny_model_dir: Path) -> None:
@@ -46,7 +47,7 @@ def test_unknown_hub_id_offline_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_prepare_data_checks_the_model_before_generating(instance_dir: Path, tmp_path: Path) -> None:
     datamodule = DreamBoothDataModule(
         instance_data_dir=str(instance_dir), instance_prompt="a photo of sks dog",
-        pretrained_model_name_or_path=str(tmp_path / "missing-model"), resolution=64,
+        base_model=ModelSource(str(tmp_path / "missing-model")), resolution=64,
         with_prior_preservation=True, class_data_dir=str(tmp_path / "class"), class_prompt="a photo of dog",
     )
     with pytest.raises(InputDataError, match="missing-model"):

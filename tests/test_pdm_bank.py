@@ -18,9 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pdm_lightning.data.dataset import load_training_image
-from pdm_lightning.data.images import InputDataError, list_image_files
-from pdm_lightning.model.loading import load_components
+from pdm_lightning.data.crops import load_training_image
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.core.images import list_image_files
+from pdm_lightning.core.loading import load_components
 from pdm_lightning.pdm import (
     BankSettings,
     QueryBank,
@@ -174,7 +175,7 @@ def test_faithful_extraction_costs_1999_unet_calls_per_batch_and_a_rebuild_none(
 ) -> None:
     assert faithful_bank["calls"] == faithful_bank["report"].unet_calls == 999 + 1000
     counter = CallCounter(micro_components.unet)
-    monkeypatch.setattr("pdm_lightning.model.loading.load_components", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("pdm_lightning.core.loading.load_components", lambda *a, **k: pytest.fail("loaded a model"))
     report = build_bank(micro_settings(micro_model_dir), two_images, faithful_bank["folder"], progress=False)
     counter.handle.remove()
     assert (counter.calls, report.unet_calls, report.computed, report.reused) == (0, 0, 0, 2)

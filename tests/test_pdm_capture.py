@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from pdm_lightning.model.lora import LoraSettings, add_lora_adapters
+from pdm_lightning.training.lora import LoraSettings, add_lora_adapters
 from pdm_lightning.pdm import DEFAULT_PDM_LAYER, QueryCapture, adapters_disabled
 from pdm_lightning.pdm.capture import resolve_layer
 

@@ -10,11 +10,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import EXAMPLE_SUBJECT, build_cli
-from pdm_lightning.data.dataset import collate_examples, load_training_crop
-from pdm_lightning.data.masks import mask_to_latent, mask_to_tokens
+from pdm_lightning.data.batch import collate_examples
+from pdm_lightning.data.crops import load_training_crop
+from pdm_lightning.losses.masks import mask_to_latent, mask_to_tokens
 from pdm_lightning.losses.diffusion import per_sample_mse
 
-PDM = ("--model.use_pdm_loss", "true", "--data.pdm_features.inversion_steps", "8", "--data.resolution", "64")
+PDM = ("--model.pdm", "{}", "--model.pdm.inversion_steps", "8", "--data.resolution", "64")
 
 
 @pytest.fixture
@@ -41,18 +42,18 @@ def test_each_batch_element_uses_its_own_bank_row_timestep_and_mask(
     cli = build_cli(
         pdm_env / "run", tiny_model_dir, instance_dir, *PDM,
         "--data.masks.instance_mask_dir", str(masks), "--data.masks.mask_pdm_loss", "true",
-        "--data.pdm_features.dtype", "float32",
+        "--model.pdm.dtype", "float32",
     )
     module, data = cli.model, cli.datamodule
     data.prepare_data()
     data.setup("fit")
     module.configure_model()
     examples = [data.train_dataset[(0, 11)], data.train_dataset[(1, 12)]]
-    assert examples[0]["pdm_timestep"] != examples[1]["pdm_timestep"]
-    batch = collate_examples(examples, with_prior_preservation=False)
+    assert examples[0].pdm.timestep != examples[1].pdm.timestep
+    batch = collate_examples(examples)
 
     seen: dict[str, torch.Tensor] = {}
-    layer = module.unet.get_submodule(module.hparams.pdm_layer)
+    layer = module.unet.get_submodule(module.pdm.layer)
     layer.register_forward_hook(lambda _m, _a, out: seen.__setitem__("queries", out.detach()))
     module.unet.register_forward_pre_hook(
         lambda _m, args: seen.__setitem__("timesteps", args[1].detach().clone())
@@ -63,7 +64,7 @@ def test_each_batch_element_uses_its_own_bank_row_timestep_and_mask(
     module.training_step(batch, 0)
 
     # The PDM rows (after the 2 instance rows) were noised at each element's own trajectory timestep.
-    timesteps = [int(e["pdm_timestep"]) for e in examples]
+    timesteps = [int(e.pdm.timestep) for e in examples]
     assert seen["timesteps"][2:].tolist() == timesteps
     bank = data.train_dataset.pdm_targets.bank
     photos = data.train_dataset.instance_images
@@ -82,7 +83,7 @@ def test_each_batch_element_uses_its_own_bank_row_timestep_and_mask(
 
 
 def first_pdm_loss(run_dir: Path, model_dir: Path, instance_dir: Path, *overrides: str) -> float:
-    cli = build_cli(run_dir, model_dir, instance_dir, *PDM, "--data.pdm_features.dtype", "float32",
+    cli = build_cli(run_dir, model_dir, instance_dir, *PDM, "--model.pdm.dtype", "float32",
                     "--trainer.max_steps", "1", "--samples.at_fit_end", "false", *overrides)
     cli.trainer.fit(cli.model, cli.datamodule)
     return float(cli.trainer.callback_metrics["train/loss_pdm"])
@@ -93,7 +94,7 @@ def test_on_the_fly_teacher_gives_the_bank_targets(pdm_env: Path, tiny_model_dir
     # Non-zero adapters: the on-the-fly teacher must switch them off to match the pretrained bank.
     extra = ("--model.lora.rank", "4", "--model.lora.init_lora_weights", "false") if lora else ()
     from_bank = first_pdm_loss(pdm_env / "bank", tiny_model_dir, instance_dir, *extra)
-    on_the_fly = first_pdm_loss(pdm_env / "fly", tiny_model_dir, instance_dir, "--model.pdm_teacher", "on_the_fly", *extra)
+    on_the_fly = first_pdm_loss(pdm_env / "fly", tiny_model_dir, instance_dir, "--model.pdm.teacher", "on_the_fly", *extra)
     assert on_the_fly == pytest.approx(from_bank, rel=1e-4)
 
 
@@ -104,12 +105,13 @@ def test_pdm_quickstart_config_trains_with_masks_and_previews(pdm_env: Path, tin
     instance = Path(shutil.copytree(EXAMPLE_SUBJECT, pdm_env / "instance"))
     run = pdm_env / "run"
     cli_main([
-        "fit", "--config", str(REPO_ROOT / "configs" / "quickstart_pdm.yaml"),
+        "fit", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml"),
+        "--config", str(REPO_ROOT / "configs" / "quickstart" / "pdm.yaml"),
         "--model.pretrained_model_name_or_path", str(tiny_model_dir),
         "--data.instance_data_dir", str(instance),
         "--data.masks.instance_mask_dir", str(REPO_ROOT / "examples" / "dog_masks"),
         "--data.class_data_dir", str(pdm_env / "class_images"), "--data.num_class_images", "2",
-        "--data.class_generation.num_inference_steps", "2", "--data.pdm_features.inversion_steps", "5",
+        "--data.class_generation.num_inference_steps", "2", "--model.pdm.inversion_steps", "5",
         "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir", str(run),
         "--trainer.enable_progress_bar", "false", "--samples.at_fit_end", "false",
     ])
@@ -137,8 +139,8 @@ def test_a_precomputed_both_mode_folder_serves_either_teacher(pdm_env: Path, tin
         "--mode", "both", "--out", str(folder), "--no_progress",
     ]) == 0
     losses = [
-        first_pdm_loss(pdm_env / teacher, tiny_model_dir, instance_dir, "--data.pdm_features.features_dir", str(folder),
-                       "--model.pdm_teacher", teacher)
+        first_pdm_loss(pdm_env / teacher, tiny_model_dir, instance_dir, "--model.pdm.features_dir", str(folder),
+                       "--model.pdm.teacher", teacher)
         for teacher in ("bank", "on_the_fly")
     ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
@@ -147,9 +149,10 @@ def test_a_precomputed_both_mode_folder_serves_either_teacher(pdm_env: Path, tin
 
 
 def test_pdm_loss_weight_defaults_to_the_method_values() -> None:
-    from pdm_lightning.model.lora import LoraSettings
-    from pdm_lightning.model.module import DreamBoothModule
+    from pdm_lightning.training.lora import LoraSettings
+    from pdm_lightning.training.module import DreamBoothModule
+    from pdm_lightning.pdm.settings import PDMSettings
 
-    assert DreamBoothModule("unused", use_pdm_loss=True).pdm_loss_weight == 0.1
-    assert DreamBoothModule("unused", use_pdm_loss=True, lora=LoraSettings()).pdm_loss_weight == 0.05
-    assert DreamBoothModule("unused", use_pdm_loss=True, lora=LoraSettings(), pdm_loss_weight=0.2).pdm_loss_weight == 0.2
+    assert DreamBoothModule("unused", pdm=PDMSettings()).pdm_loss_weight == 0.1
+    assert DreamBoothModule("unused", pdm=PDMSettings(), lora=LoraSettings()).pdm_loss_weight == 0.05
+    assert DreamBoothModule("unused", pdm=PDMSettings(weight=0.2), lora=LoraSettings()).pdm_loss_weight == 0.2

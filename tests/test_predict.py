@@ -16,8 +16,11 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, build_cli
-from pdm_lightning.data.images import InputDataError
-from pdm_lightning.generate import GenerationSettings, collect_prompts, fill_prompt, make_grid, plan_jobs
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.generation.files import make_grid
+from pdm_lightning.generation.jobs import plan_jobs
+from pdm_lightning.generation.prompts import collect_prompts, fill_prompt
+from pdm_lightning.generation.settings import GenerationSettings
 
 
 def load_predict_script():
@@ -137,8 +140,8 @@ def test_predict_errors_name_the_fix(tmp_path: Path, tiny_model_dir: Path, capsy
 
 
 def live_lora_module(model_dir: Path):
-    from pdm_lightning.model.lora import LoraSettings
-    from pdm_lightning.model.module import DreamBoothModule
+    from pdm_lightning.training.lora import LoraSettings
+    from pdm_lightning.training.module import DreamBoothModule
 
     torch.manual_seed(0)
     module = DreamBoothModule(str(model_dir), lora=LoraSettings(init_lora_weights=False))
@@ -152,8 +155,7 @@ def test_lora_folder_and_kohya_file_give_the_live_modules_images(tmp_path: Path,
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from pdm_lightning.generate import generate_images
-    from pdm_lightning.model.inference import inference_pipeline
+    from pdm_lightning.generation.sampling import generate_images, inference_pipeline
 
     module = live_lora_module(tiny_model_dir)
     peft_state = get_peft_model_state_dict(module.unet)
@@ -216,7 +218,7 @@ def test_train_predict_and_predict_checkpoint_agree(
 
 
 def test_settings_are_checked_when_made() -> None:
-    from pdm_lightning.generate import PredictSettings
+    from pdm_lightning.generation.settings import PredictSettings
 
     with pytest.raises(InputDataError, match="batch_size must be at least 1"):
         PredictSettings(batch_size=0)
@@ -246,10 +248,11 @@ def test_lora_folder_prefers_the_exported_weights_file(tmp_path: Path) -> None:
 
 
 def test_prediction_drops_the_training_only_teacher_and_query_hook(tiny_model_dir: Path) -> None:
-    from pdm_lightning.model.module import DreamBoothModule
+    from pdm_lightning.training.module import DreamBoothModule
+    from pdm_lightning.pdm.settings import PDMSettings
     from pdm_lightning.predict_sources import drop_training_parts
 
-    module = DreamBoothModule(str(tiny_model_dir), use_pdm_loss=True, pdm_teacher="on_the_fly")
+    module = DreamBoothModule(str(tiny_model_dir), pdm=PDMSettings(teacher="on_the_fly"))
     module.configure_model()
     layer = module.query_capture.module
     assert module.teacher_unet is not None and layer._forward_hooks

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import folder_snapshot, quickstart_args
 from pdm_lightning.cli import cli_main
-from pdm_lightning.data.class_images import MANIFEST_NAME
+from pdm_lightning.prepare.class_images import MANIFEST_NAME
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,8 @@ def test_lora_quickstart_trains_resumes_and_exports_both_formats(tmp_path: Path,
 
     def fit(max_steps: int, *extra: str) -> None:
         cli_main([
-            "fit", "--config", str(REPO_ROOT / "configs" / "quickstart_lora.yaml"),
+            "fit", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml"),
+            "--config", str(REPO_ROOT / "configs" / "quickstart" / "lora.yaml"),
             "--model.pretrained_model_name_or_path", str(tiny_model_dir), "--data.instance_data_dir", str(instance),
             "--data.class_data_dir", str(tmp_path / "class_images"), "--data.num_class_images", "2",
             "--data.class_generation.num_inference_steps", "2", "--trainer.max_steps", str(max_steps),

@@ -31,8 +31,8 @@ VARIANTS = {
     "prior": ["--data.with_prior_preservation", "true"],
     # Adapters with dropout (its RNG must resume too), text-encoder LoRA, the PDM chunk with masks.
     "lora_pdm": [
-        "--model.lora.rank", "4", "--model.lora.dropout", "0.1", "--model.use_pdm_loss", "true",
-        "--data.pdm_features.inversion_steps", "6", "--data.masks.mask_pdm_loss", "true",
+        "--model.lora.rank", "4", "--model.lora.dropout", "0.1", "--model.pdm", "{}",
+        "--model.pdm.inversion_steps", "6", "--data.masks.mask_pdm_loss", "true",
         "--data.masks.mask_instance_loss", "true",
     ],
 }

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from pdm_lightning.data.sampler import ResumableDataLoader, ResumableSampler, derive_seed
+from pdm_lightning.data.sampler import ResumableDataLoader, ResumableSampler
+from pdm_lightning.core.seeding import derive_seed
 
 
 class Indices(Dataset):

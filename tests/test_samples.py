@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, Event
 from conftest import build_cli
 from pdm_lightning.callbacks.export import ExportWeights
 from pdm_lightning.callbacks.samples import SampleImages
-from pdm_lightning.model.inference import preserved_training_state
+from pdm_lightning.generation.sampling import preserved_training_state
 
 # LoRA with dropout: training draws from the global RNG and depends on train mode, so a callback
 # that consumed random numbers or left a module in eval mode would change the final weights.
@@ -99,8 +99,8 @@ def test_sampling_leaves_training_exactly_as_it_was(tmp_path: Path, tiny_model_d
 
 def test_samples_match_the_weights_in_memory(tmp_path: Path, tiny_model_dir: Path, instance_dir: Path) -> None:
     """The end-of-fit samples are what the trained weights give (no reload, LoRA active)."""
-    from pdm_lightning.generate import GenerationSettings, generate_images
-    from pdm_lightning.model.inference import inference_pipeline
+    from pdm_lightning.generation.sampling import generate_images, inference_pipeline
+    from pdm_lightning.generation.settings import GenerationSettings
 
     sampler = SampleImages(every_n_train_steps=0, num_images=1, num_inference_steps=2, seed=3)
     module = fit(tmp_path / "run", tiny_model_dir, instance_dir, [sampler])
@@ -139,7 +139,7 @@ def test_rejects_a_negative_period() -> None:
 def test_bad_settings_fail_before_training_not_at_the_first_sampling() -> None:
     from types import SimpleNamespace
 
-    from pdm_lightning.data.images import InputDataError
+    from pdm_lightning.core.errors import InputDataError
 
     with pytest.raises(InputDataError, match="samples.num_images must be at least 1"):
         SampleImages(num_images=0)

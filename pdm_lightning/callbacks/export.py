@@ -7,8 +7,13 @@ from typing import Literal
 
 import lightning as L
 
-from pdm_lightning.export.weights import ExportOptions, check_export_possible, export_weights
-from pdm_lightning.model.module import DreamBoothModule
+from pdm_lightning.callbacks.run_outputs import run_dir
+from pdm_lightning.callbacks.run_parts import dreambooth_module
+from pdm_lightning.export.weights import (
+    ExportOptions,
+    check_export_possible,
+    export_weights,
+)
 
 
 class ExportWeights(L.Callback):
@@ -69,12 +74,11 @@ class ExportWeights(L.Callback):
         self._last_exported_step: int | None = None
 
     def export_dir(self, trainer: L.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        return run_dir(trainer) / self.dirname
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, DreamBoothModule):
-            raise TypeError(f"ExportWeights needs a DreamBoothModule, got {type(pl_module).__name__}.")
-        check_export_possible(pl_module, self.options)  # an impossible export fails now, not after training
+        # An impossible export fails now, not after training.
+        check_export_possible(dreambooth_module(pl_module, "ExportWeights"), self.options)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step

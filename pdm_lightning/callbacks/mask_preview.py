@@ -6,23 +6,21 @@ import io
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from pdm_lightning.atomic import write_bytes_atomically
-from pdm_lightning.data.images import load_rgb_image
+from pdm_lightning.callbacks.run_outputs import log_image, run_dir
+from pdm_lightning.callbacks.run_parts import dreambooth_data
+from pdm_lightning.core.atomic import write_bytes_atomically
+from pdm_lightning.core.images import load_rgb_image
 from pdm_lightning.data.masks import load_subject_mask, mask_coverage, mask_overlay
-
-MASK_FILES_ATTRIBUTE = "instance_mask_files"
 
 
 class MaskPreview(L.Callback):
     """At the start of fit, logs every instance photo with its subject mask tinted over it.
 
-    The overlays go to TensorBoard (``masks/<photo stem>``, when the logger can show images) and to
-    ``<log dir>/<dirname>/<photo stem>.png``. The photos and masks come from the datamodule's
-    ``instance_mask_files`` (photo path -> mask path); without masks the callback does nothing.
+    The overlays go to TensorBoard (``masks/<photo stem>``) and to ``<log dir>/<dirname>/<photo stem>.png``.
+    The photos and masks come from the DreamBoothDataModule's ``instance_mask_files`` (photo path ->
+    mask path); without masks the callback does nothing.
 
     Args:
         dirname: folder under the run's log directory for the overlay PNGs.
@@ -40,15 +38,13 @@ class MaskPreview(L.Callback):
         self.alpha = alpha
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        mask_files: dict[Path, Path] | None = getattr(trainer.datamodule, MASK_FILES_ATTRIBUTE, None)
+        mask_files = dreambooth_data(trainer, "MaskPreview").instance_mask_files
         if not mask_files:
             return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname  # on every rank (a collective)
+        out_dir = run_dir(trainer) / self.dirname  # on every rank (a collective)
         if not trainer.is_global_zero:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
-        can_log_images = hasattr(experiment, "add_image")
         lines = []
         for image_path, mask_path in mask_files.items():
             image_path, mask_path = Path(image_path), Path(mask_path)
@@ -59,10 +55,6 @@ class MaskPreview(L.Callback):
             buffer = io.BytesIO()
             overlay.save(buffer, format="PNG")
             write_bytes_atomically(out_dir / f"{image_path.stem}.png", buffer.getvalue())
-            if can_log_images:
-                pixels = torch.from_numpy(np.asarray(overlay, dtype=np.uint8).copy()).permute(2, 0, 1)
-                experiment.add_image(f"masks/{image_path.stem}", pixels, global_step=trainer.global_step)
+            log_image(trainer, f"masks/{image_path.stem}", overlay, trainer.global_step)
             lines.append(f"{image_path.name}: {mask_coverage(mask):.0%} subject ({mask_path})")
-        if can_log_images and hasattr(experiment, "flush"):
-            experiment.flush()
         rank_zero_info(f"Subject masks (overlays in {out_dir}):\n  " + "\n  ".join(lines))

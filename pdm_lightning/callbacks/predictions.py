@@ -9,7 +9,10 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from pdm_lightning.generate import GenerationSettings, ImageJob, write_grids, write_image
+from pdm_lightning.callbacks.run_outputs import run_dir
+from pdm_lightning.callbacks.run_parts import dreambooth_module
+from pdm_lightning.generation.files import write_grids, write_image
+from pdm_lightning.generation.jobs import ImageJob, unpack_job_batch
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -31,7 +34,7 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The images are on disk; Lightning would otherwise also keep every one of them in memory.
         trainer.predict_loop.return_predictions = False
-        self.out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname  # every rank: a collective
+        self.out_dir = run_dir(trainer) / self.dirname  # every rank: a collective
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.written = []
 
@@ -45,13 +48,12 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        model = str(pl_module.hparams.get("pretrained_model_name_or_path", ""))
+        model = str(dreambooth_module(pl_module, "PredictionWriter").hparams.pretrained_model_name_or_path)
         if trainer.ckpt_path:
             model += f" + {trainer.ckpt_path}"
-        settings = GenerationSettings(**prediction["generation"])
-        for job, image in zip(prediction["jobs"], prediction["images"]):
-            path = write_image(self.out_dir, ImageJob(**job), image, settings, model, prediction["run_seed"])
-            self.written.append(path)
+        jobs, settings = unpack_job_batch(prediction)
+        for job, image in zip(jobs, prediction["images"]):
+            self.written.append(write_image(self.out_dir, job, image, settings, model, prediction["run_seed"]))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier("prediction_writer")  # every rank's images are on disk

@@ -5,27 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 
-from pdm_lightning.generate import (
-    GenerationSettings,
-    ImageJob,
-    chunked,
-    make_grid,
-    plan_jobs,
-    require_positive,
-    sample_images,
-    slugify,
-    write_image,
-)
-from pdm_lightning.model.inference import inference_pipeline, preserved_training_state
+from pdm_lightning.callbacks.run_outputs import log_image, run_dir
+from pdm_lightning.callbacks.run_parts import dreambooth_module
+from pdm_lightning.training.datamodule import DreamBoothDataModule
+from pdm_lightning.generation.files import grid_name, make_grid, write_image
+from pdm_lightning.generation.jobs import plan_jobs
+from pdm_lightning.generation.sampling import generate_from_module
+from pdm_lightning.generation.settings import GenerationSettings, require_positive
 
 # Appended to the instance prompt when no prompts are configured: the subject alone, then in contexts
 # that show whether it has overfitted to its training backgrounds.
 DEFAULT_CONTEXTS = ("", " on the beach", " in the snow")
+# A quick look at the training's progress, taken again and again: fewer steps than predict's default.
+SAMPLE_STEPS = 25
+DEFAULTS = GenerationSettings()
 
 
 class SampleImages(L.Callback):
@@ -56,10 +51,10 @@ class SampleImages(L.Callback):
         at_fit_end: bool = True,
         num_images: int = 2,
         seed: int = 0,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | None = None,
-        scheduler: str = "dpmsolver++",
+        num_inference_steps: int = SAMPLE_STEPS,
+        guidance_scale: float = DEFAULTS.guidance_scale,
+        negative_prompt: str | None = DEFAULTS.negative_prompt,
+        scheduler: str = DEFAULTS.scheduler,
         batch_size: int = 4,
         dirname: str = "samples",
     ) -> None:
@@ -79,12 +74,10 @@ class SampleImages(L.Callback):
     def resolve_prompts(self, trainer: L.Trainer) -> list[str]:
         if self.prompts:
             return self.prompts
-        datamodule = getattr(trainer, "datamodule", None)
-        instance_prompt = datamodule.hparams.get("instance_prompt") if datamodule is not None else None
-        if not instance_prompt:
-            raise ValueError("SampleImages needs prompts: set them (--samples.prompts) or use a data module with "
-                             "an instance_prompt.")
-        return [instance_prompt + context for context in DEFAULT_CONTEXTS]
+        if not isinstance(trainer.datamodule, DreamBoothDataModule):
+            raise ValueError("SampleImages needs prompts: set them (--samples.prompts) or use the DreamBoothDataModule "
+                             "(its instance prompt is sampled).")
+        return [trainer.datamodule.hparams.instance_prompt + context for context in DEFAULT_CONTEXTS]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_train_steps or self.at_fit_end:
@@ -106,40 +99,25 @@ class SampleImages(L.Callback):
         if step == self._last_sampled_step:
             return []
         self._last_sampled_step = step
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname / f"step_{step:06d}"  # every rank
+        out_dir = run_dir(trainer) / self.dirname / f"step_{step:06d}"  # every rank: a collective
         written: list[Path] = []
         if trainer.is_global_zero:
-            # The PDM query hook records every UNet call; hand back what it held before sampling.
-            capture = getattr(pl_module, "query_capture", None)
-            captured = capture.output if capture is not None else None
-            try:
-                with preserved_training_state(pl_module), trainer.precision_plugin.forward_context():
-                    written = self._sample_to(out_dir, trainer, pl_module)
-            finally:
-                if capture is not None:
-                    capture.output = captured
+            written = self._sample_to(out_dir, trainer, pl_module)
             rank_zero_info(f"Sampled {len(written)} images at step {step} into {out_dir}")
         trainer.strategy.barrier("sample_images")
         return written
 
     def _sample_to(self, out_dir: Path, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        module = dreambooth_module(pl_module, "SampleImages")
         prompts = self.resolve_prompts(trainer)
-        pipeline = inference_pipeline(pl_module, self.settings.scheduler)
-        pipeline.set_progress_bar_config(disable=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
         jobs = plan_jobs(prompts, self.num_images, self.seed)
-        images: dict[ImageJob, Image.Image] = {}
-        for batch in chunked(jobs, self.batch_size):
-            images.update(zip(batch, sample_images(pipeline, batch, self.settings)))
-        model = f"{pl_module.hparams.get('pretrained_model_name_or_path', '')} @ step {trainer.global_step}"
-        written = [write_image(out_dir, job, image, self.settings, model, self.seed) for job, image in images.items()]
+        # The PDM query hook records every UNet call: sampling hands back what it held.
+        images = generate_from_module(module, jobs, self.settings, self.batch_size,
+                                      trainer.precision_plugin.forward_context, held=(module.query_capture,))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model = f"{module.hparams.pretrained_model_name_or_path} @ step {trainer.global_step}"
+        written = [write_image(out_dir, job, image, self.settings, model, self.seed) for job, image in zip(jobs, images)]
         for prompt_index, prompt in enumerate(prompts):
-            grid = make_grid([image for job, image in images.items() if job.prompt_index == prompt_index])
-            self._log_grid(trainer, f"{self.dirname}/{prompt_index:02d}_{slugify(prompt)}", grid)
+            grid = make_grid([image for job, image in zip(jobs, images) if job.prompt_index == prompt_index])
+            log_image(trainer, f"{self.dirname}/{grid_name(prompt_index, prompt)}", grid, trainer.global_step)
         return written
-
-    @staticmethod
-    def _log_grid(trainer: L.Trainer, tag: str, grid: Image.Image) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(tag, np.asarray(grid), trainer.global_step, dataformats="HWC")

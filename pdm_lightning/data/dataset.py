@@ -1,69 +1,25 @@
-"""The training examples: instance photos (and class images) as cropped tensors with prompt token ids."""
+"""The training examples: instance photos (and class images, and the PDM chunk's centre crops) as tensors.
+
+Each example is a ``data.batch.Example``; ``data.batch.collate_examples`` makes the step's ``Batch``.
+"""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from pdm_lightning.data.images import load_rgb_image
-from pdm_lightning.data.masks import load_subject_mask, mask_to_tensor
-from pdm_lightning.data.sampler import derive_seed
+from pdm_lightning.core.seeding import derive_seed
+from pdm_lightning.data.batch import Example, PDMExample
+from pdm_lightning.data.crops import load_training_crop
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Bilinear resize so that the shorter side is ``size`` (antialiased when shrinking)."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-    return image.resize(new_size, resample=Image.BILINEAR)
-
-
-def crop_box(width: int, height: int, size: int, rng: random.Random | None) -> tuple[int, int, int, int]:
-    """A ``size`` square inside a ``width`` x ``height`` image: random with ``rng``, centred without."""
-    if rng is None:
-        left, top = (width - size) // 2, (height - size) // 2
-    else:
-        left, top = rng.randint(0, width - size), rng.randint(0, height - size)
-    return left, top, left + size, top + size
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image as a float CHW tensor in [-1, 1]."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def load_training_image(path: Path, resolution: int, rng: random.Random | None) -> torch.Tensor:
-    """Decode, resize the shorter side to ``resolution``, crop a square (random with ``rng``), scale to [-1, 1]."""
-    return load_training_crop(path, resolution, rng)[0]
-
-
-def load_training_crop(
-    image_path: Path, resolution: int, rng: random.Random | None, mask_path: Path | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training crop of a photo (3 x R x R in [-1, 1]) and the same crop of its subject mask (1 x R x R in [0, 1]).
-
-    Image and mask get the same resize and ONE crop box, drawn from ``rng`` exactly as without a
-    mask, so masking changes no crop (of this image or of the class images drawn after it).
-    """
-    image = load_rgb_image(image_path)
-    mask = load_subject_mask(mask_path, image_path, image.size) if mask_path is not None else None
-    image = resize_shorter_side(image, resolution)
-    box = crop_box(*image.size, resolution, rng)
-    if mask is None:
-        return to_tensor(image.crop(box)), None
-    return to_tensor(image.crop(box)), mask_to_tensor(resize_shorter_side(mask, resolution).crop(box))
-
-
-class PDMTargetSource(Protocol):
-    """Where the PDM chunk's teacher targets come from (a feature bank, or latents for on-the-fly teachers)."""
+class TeacherEntries(Protocol):
+    """Where the PDM chunk's teacher entries come from (``pdm.teacher.PDMTeacher.entries``)."""
 
     timesteps: Sequence[int]
 
@@ -86,7 +42,7 @@ class DreamBoothDataset(Dataset):
         center_crop: bool = False,
         class_images: Sequence[Path] | None = None,
         class_input_ids: torch.Tensor | None = None,
-        pdm_targets: PDMTargetSource | None = None,
+        pdm_targets: TeacherEntries | None = None,
         instance_masks: dict[Path, Path] | None = None,
         class_masks: dict[Path, Path] | None = None,
     ) -> None:
@@ -103,78 +59,42 @@ class DreamBoothDataset(Dataset):
         self.pdm_targets = pdm_targets
         self.instance_masks = instance_masks
         self.class_masks = class_masks
-        self._pdm_crops: dict[int, dict[str, torch.Tensor]] = {}
+        self._pdm_crops: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images or ()))
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> Example:
         # A plain integer index (outside the sampler) seeds its crop with itself.
         index, crop_seed = key if isinstance(key, tuple) else (key, key)
         rng = None if self.center_crop else random.Random(crop_seed)
         image_index = index % len(self.instance_images)
-        example = {"instance_input_ids": self.instance_input_ids}
-        self._add_crop(example, "instance", self.instance_images[image_index], self.instance_masks, rng)
+        pixels, mask = self._crop(self.instance_images[image_index], self.instance_masks, rng)
+        example = Example(instance_pixel_values=pixels, instance_input_ids=self.instance_input_ids, instance_mask=mask)
         if self.class_images is not None:
-            self._add_crop(example, "class", self.class_images[index % len(self.class_images)], self.class_masks, rng)
-            example["class_input_ids"] = self.class_input_ids
+            class_image = self.class_images[index % len(self.class_images)]
+            example.class_pixel_values, example.class_mask = self._crop(class_image, self.class_masks, rng)
+            example.class_input_ids = self.class_input_ids
         if self.pdm_targets is not None:
-            example.update(self._pdm_example(image_index, crop_seed))
+            example.pdm = self._pdm_example(image_index, crop_seed)
         return example
 
-    def _add_crop(
-        self, example: dict[str, Any], chunk: str, path: Path, masks: dict[Path, Path] | None, rng: random.Random | None
-    ) -> None:
-        pixels, mask = load_training_crop(path, self.resolution, rng, masks[path] if masks is not None else None)
-        example[f"{chunk}_pixel_values"] = pixels
-        if mask is not None:
-            example[f"{chunk}_mask"] = mask
+    def _crop(
+        self, path: Path, masks: dict[Path, Path] | None, rng: random.Random | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return load_training_crop(path, self.resolution, rng, masks[path] if masks is not None else None)
 
-    def _pdm_crop(self, image_index: int) -> dict[str, torch.Tensor]:
+    def _pdm_crop(self, image_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The centre crop never changes: decoded once per image (per worker), not again every step.
         if image_index not in self._pdm_crops:
-            crop: dict[str, Any] = {}
-            self._add_crop(crop, "pdm", self.instance_images[image_index], self.instance_masks, None)
-            self._pdm_crops[image_index] = crop
+            self._pdm_crops[image_index] = self._crop(self.instance_images[image_index], self.instance_masks, None)
         return self._pdm_crops[image_index]
 
-    def _pdm_example(self, image_index: int, crop_seed: int) -> dict[str, Any]:
+    def _pdm_example(self, image_index: int, crop_seed: int) -> PDMExample:
         # The PDM chunk is the centre crop of the same image (what its teacher entries were computed
         # from), at a timestep of the teacher's trajectory, drawn from its own stream so the crops
         # are the same with PDM on or off.
         timesteps = self.pdm_targets.timesteps
         timestep = int(timesteps[random.Random(derive_seed(crop_seed, 1)).randrange(len(timesteps))])
-        example = {"pdm_timestep": timestep, **self._pdm_crop(image_index)}
-        example.update({f"pdm_{name}": value for name, value in self.pdm_targets.item(image_index, timestep).items()})
-        return example
-
-
-def collate_examples(examples: list[dict[str, Any]], with_prior_preservation: bool) -> dict[str, Any]:
-    """Concatenates the instance chunk and, with prior preservation, the class chunk into one batch.
-
-    One UNet forward then covers all chunks: [instance, class (prior preservation), PDM]. ``num_instance``
-    and ``num_pdm`` tell the losses where the splits are; the PDM chunk's own entries (timesteps, teacher
-    targets, condition) are stacked under their ``pdm_`` names.
-    """
-    pixel_values = [e["instance_pixel_values"] for e in examples]
-    input_ids = [e["instance_input_ids"] for e in examples]
-    if with_prior_preservation:
-        pixel_values += [e["class_pixel_values"] for e in examples]
-        input_ids += [e["class_input_ids"] for e in examples]
-    with_pdm = "pdm_pixel_values" in examples[0]
-    if with_pdm:
-        pixel_values += [e["pdm_pixel_values"] for e in examples]
-        input_ids += [e["instance_input_ids"] for e in examples]
-    batch = {
-        "pixel_values": torch.stack(pixel_values).contiguous(memory_format=torch.contiguous_format).float(),
-        "input_ids": torch.stack(input_ids),
-        "num_instance": len(examples),
-        "num_pdm": len(examples) if with_pdm else 0,
-    }
-    # Per-chunk entries (masks, the PDM chunk's timesteps, teacher targets) stacked as they are.
-    skip = {"instance_pixel_values", "class_pixel_values", "pdm_pixel_values", "instance_input_ids", "class_input_ids"}
-    if not with_prior_preservation:
-        skip.add("class_mask")
-    for key in examples[0].keys() - skip:
-        batch[key] = torch.stack([torch.as_tensor(e[key]) for e in examples])
-    return batch
+        pixels, mask = self._pdm_crop(image_index)
+        return PDMExample(pixels, timestep, self.pdm_targets.item(image_index, timestep), mask)

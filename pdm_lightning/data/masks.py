@@ -16,14 +16,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pdm_lightning.data.images import IMAGE_SUFFIXES, InputDataError, load_rgb_image, to_rgb
+from pdm_lightning.core.images import IMAGE_SUFFIXES, load_rgb_image, to_rgb
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.losses.masks import MaskMode
 
 # A mask covering less than this fraction of its image (or more than 1 minus it) is probably wrong
 # (a mask of the wrong photo, an inverted mask, a failed segmentation): reported with a warning.
@@ -32,7 +32,6 @@ MIN_COVERAGE = 0.01
 # an exported mask): the mask is resized to its image. Anything further apart is refused.
 ASPECT_TOLERANCE = 0.01
 
-MaskMode = Literal["binary", "soft"]
 
 
 @dataclass
@@ -259,67 +258,6 @@ def missing_masks_error(missing: Sequence[Path], mask_dir: str | os.PathLike) ->
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     """Greyscale mask as a float 1 x H x W tensor in [0, 1]."""
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).unsqueeze(0).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------
-# Latent and token resolution
-
-
-def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int], mode: MaskMode = "binary") -> torch.Tensor:
-    """Pixel mask [B, 1, H, W] in [0, 1] -> latent mask [B, 1, h, w].
-
-    ``binary`` (the reference's rule): every latent element that holds any subject counts as subject
-    (1), the rest 0, which grows the subject by up to one latent cell at its border. ``soft``: the
-    area average, so a boundary element is weighted by the fraction of subject it holds.
-    """
-    if mask.ndim != 4 or mask.shape[1] != 1:
-        raise ValueError(f"mask must be [B, 1, H, W], got {tuple(mask.shape)}.")
-    latent = F.interpolate(mask.float(), size=tuple(latent_hw), mode="area")
-    return binarize(latent) if mode == "binary" else latent
-
-
-def binarize(mask: torch.Tensor) -> torch.Tensor:
-    """1 wherever the mask has any coverage, else 0."""
-    return (mask > 0).to(mask.dtype)
-
-
-def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (rows, columns) of an attention layer's ``num_tokens`` tokens at a latent of ``latent_hw``.
-
-    UNet levels halve both sides, so the grid is the latent grid divided by a power-of-two factor.
-    """
-    height, width = latent_hw
-    rows, cols = height, width
-    while rows * cols > num_tokens:
-        rows, cols = -(-rows // 2), -(-cols // 2)  # a stride-2 convolution with padding 1 rounds up
-    if rows * cols != num_tokens:
-        raise ValueError(f"{num_tokens} tokens do not form a grid of the {height}x{width} latent.")
-    return rows, cols
-
-
-def mask_to_tokens(mask_latent: torch.Tensor, tokens_hw: tuple[int, int] | int, mode: MaskMode = "binary") -> torch.Tensor:
-    """Latent mask [B, 1, h, w] -> per-token weights [B, rows * cols], flattened row-major like diffusers' tokens.
-
-    ``tokens_hw`` is the layer's token grid, or its number of tokens (grid inferred from the latent's
-    shape). A coarser grid takes the area average (``binary``: then any coverage counts as subject),
-    a finer one bilinear weights (``binary``: nearest, so it stays 0 / 1).
-    """
-    if mask_latent.ndim != 4 or mask_latent.shape[1] != 1:
-        raise ValueError(f"mask_latent must be [B, 1, h, w], got {tuple(mask_latent.shape)}.")
-    if isinstance(tokens_hw, int):
-        tokens_hw = token_grid(tokens_hw, tuple(mask_latent.shape[-2:]))
-    rows, cols = tokens_hw
-    mask = mask_latent.float()
-    if (rows, cols) != tuple(mask.shape[-2:]):
-        finer = rows > mask.shape[-2] or cols > mask.shape[-1]
-        if finer:
-            resize = {"mode": "nearest"} if mode == "binary" else {"mode": "bilinear", "align_corners": False}
-        else:
-            resize = {"mode": "area"}
-        mask = F.interpolate(mask, size=(rows, cols), **resize)
-    if mode == "binary":
-        mask = binarize(mask)
-    return mask.flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,14 +16,10 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (no collisions between nearby tuples)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+from pdm_lightning.core.seeding import derive_seed
 
 
 class ResumableSampler(DistributedSampler):

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pdm_lightning.atomic import write_bytes_atomically
-from pdm_lightning.data.images import InputDataError, load_rgb_image
+from pdm_lightning.core.atomic import write_bytes_atomically
+from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.core.images import load_rgb_image
 
 DEFAULT_AUTO_MASK_MODEL = "CIDAS/clipseg-rd64-refined"
 

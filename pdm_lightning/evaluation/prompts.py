@@ -5,6 +5,7 @@ prompt lists, one for objects and one for live subjects, as Python ``'...'.forma
 class_token)`` lines. By the DreamBench convention the live subjects are the cats and dogs.
 The file is bundled with the package (``BUNDLED_PROMPTS_FILE``, read once by ``bundled_dreambench()``), so
 the evaluation and the runner work without the dataset; ``OBJECT_PROMPTS`` / ``LIVE_PROMPTS`` are its lists.
+Templates are filled by ``generation.prompts.fill_prompt``, the filler of every prompt.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from pdm_lightning.data.images import InputDataError
+from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.identifier import infer_identifier
 
 LIVE_SUBJECT_CLASSES = frozenset({"cat", "dog"})
@@ -84,11 +85,6 @@ def bundled_dreambench() -> DreamBenchPrompts:
 
 OBJECT_PROMPTS: tuple[str, ...] = bundled_dreambench().object_prompts
 LIVE_PROMPTS: tuple[str, ...] = bundled_dreambench().live_prompts
-
-
-def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
-    """``'a {0} {1} in the snow'`` -> ``'a sks dog in the snow'``; a prompt without placeholders is kept as is."""
-    return template.replace("{0}", identifier).replace("{1}", class_noun)
 
 
 def split_identifier_and_class(instance_prompt: str, class_prompt: str | None) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Evaluation outputs: metrics JSON and CSV, the multi-subject table and bar plot (grids: ``generate.make_grid``)."""
+"""Evaluation outputs: metrics JSON and CSV, the multi-subject table and bar plot (grids: ``generation.files.make_grid``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pdm_lightning.atomic import write_bytes_atomically
-from pdm_lightning.generate import save_png_with_metadata
+from pdm_lightning.core.atomic import write_bytes_atomically
+from pdm_lightning.generation.files import save_png_with_metadata
 
 # Report order and display names (docs/method.md).
 METRIC_NAMES = {

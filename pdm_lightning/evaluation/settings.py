@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
 
-from pdm_lightning.data.images import InputDataError
-from pdm_lightning.data.sampler import derive_seed
+from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.evaluation.prompts import (
     DreamBenchPrompts,
     evenly_spaced,
-    fill_prompt,
     parse_prompts_and_classes,
     split_identifier_and_class,
 )
-from pdm_lightning.model.inference import SCHEDULERS
+from pdm_lightning.generation.jobs import CLASS, ImageJob, plan_jobs
+from pdm_lightning.generation.prompts import fill_prompt
+from pdm_lightning.generation.settings import GenerationSettings
 
 
 @dataclass
-class EvaluationSettings:
+class EvaluationSettings(GenerationSettings):
     """DreamBench evaluation settings (``--data.evaluation.*``).
 
     Args:
+        num_inference_steps: sampler steps (DreamBench protocol: 50).
+        guidance_scale: classifier-free guidance (DreamBench protocol: 7.5).
+        negative_prompt: prompt to steer away from (the protocol: none).
+        scheduler: sampler name (dpmsolver++, ddim, euler, euler_a, pndm, unipc, ddpm).
         prompt_set: ``auto`` (live-subject prompts for cat/dog classes, object prompts otherwise),
             ``object``, ``live``, or ``custom`` (the ``prompts`` list).
         prompts: custom prompts; ``{0}`` / ``{1}`` are replaced by identifier and class noun.
@@ -31,9 +35,6 @@ class EvaluationSettings:
         identifier: e.g. ``sks``; None reads it off the instance and class prompts.
         class_noun: e.g. ``dog``; None reads it off the instance and class prompts.
         num_images_per_prompt: images generated per prompt (DreamBench: 4).
-        num_inference_steps: sampler steps (DreamBench protocol: 50).
-        guidance_scale: classifier-free guidance (DreamBench protocol: 7.5).
-        scheduler: sampler name (see pdm_lightning.model.inference.SCHEDULERS).
         seed: image k of every prompt uses ``derive_seed(seed, k)`` (as predict does), the same for
             every prompt and checkpoint.
         batch_size: images generated per step.
@@ -42,6 +43,13 @@ class EvaluationSettings:
         resolution: generated image size (None: the model's default).
     """
 
+    option_prefix: ClassVar[str] = "--data.evaluation."
+
+    # The DreamBench protocol samples with 50 steps; the metrics compare with published ones only then.
+    num_inference_steps: int = 50
+    # Square images of ``resolution`` (one option, as the protocol's images are square): no options of their own.
+    height: int | None = field(default=None, init=False)
+    width: int | None = field(default=None, init=False)
     prompt_set: Literal["auto", "object", "live", "custom"] = "auto"
     prompts: list[str] | None = None
     prompts_file: str | None = None
@@ -49,9 +57,6 @@ class EvaluationSettings:
     identifier: str | None = None
     class_noun: str | None = None
     num_images_per_prompt: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "dpmsolver++"
     seed: int = 0
     batch_size: int = 4
     pres_num_images: int = 4
@@ -60,31 +65,29 @@ class EvaluationSettings:
 
     def __post_init__(self) -> None:
         # Checked when the CLI builds the settings, not after the models loaded and the first images came out.
-        for name, minimum in (("num_images_per_prompt", 1), ("num_inference_steps", 1), ("batch_size", 1), ("pres_num_images", 0)):
+        for name, minimum in (("num_images_per_prompt", 1), ("batch_size", 1), ("pres_num_images", 0)):
             if getattr(self, name) < minimum:
-                raise InputDataError(f"--data.evaluation.{name} must be at least {minimum}, got {getattr(self, name)}.")
+                raise InputDataError(f"{self.option(name)} must be at least {minimum}, got {getattr(self, name)}.")
         if self.max_prompts is not None and self.max_prompts < 1:
-            raise InputDataError(f"--data.evaluation.max_prompts must be at least 1 (or unset for all), got {self.max_prompts}.")
-        if self.scheduler not in SCHEDULERS:
-            raise InputDataError(f"Unknown --data.evaluation.scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}.")
+            raise InputDataError(f"{self.option('max_prompts')} must be at least 1 (or unset for all), got {self.max_prompts}.")
         if self.prompt_set == "custom" and not self.prompts:
-            raise InputDataError("prompt_set 'custom' needs --data.evaluation.prompts (a list of prompts).")
+            raise InputDataError(f"prompt_set 'custom' needs {self.option('prompts')} (a list of prompts).")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise InputDataError(f"--data.evaluation.resolution {self.resolution} must be a positive multiple of 8 (or unset).")
+            raise InputDataError(f"{self.option('resolution')} {self.resolution} must be a positive multiple of 8 (or unset).")
+        self.height = self.width = self.resolution
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
 class EvaluationPlan:
-    """The prompts of one subject's evaluation and the images to generate for them."""
+    """The prompts of one subject's evaluation, the images to generate for them and how to sample them."""
 
     identifier: str
     class_noun: str
     prompts: list[str]
     pres_prompt: str | None
-    requests: list[dict[str, Any]]
-
-
-SUBJECT, CLASS = "subject", "class"
+    jobs: list[ImageJob]
+    generation: GenerationSettings
 
 
 def resolve_prompts(settings: EvaluationSettings, identifier: str, class_noun: str, max_prompts: int | None) -> list[str]:
@@ -109,7 +112,10 @@ def build_plan(
     num_inference_steps: int | None = None,
     pres_num_images: int | None = None,
 ) -> EvaluationPlan:
-    """Prompts and generation requests; the keyword overrides serve the light evaluation during training."""
+    """Prompts and image jobs; the keyword overrides serve the light evaluation during training.
+
+    Image k of every prompt and of the class prompt has seed ``derive_seed(settings.seed, k)``.
+    """
     if settings.identifier and settings.class_noun:
         identifier, class_noun = settings.identifier, settings.class_noun
     else:
@@ -118,29 +124,12 @@ def build_plan(
     prompts = resolve_prompts(settings, identifier, class_noun, max_prompts if max_prompts is not None else settings.max_prompts)
     images = num_images_per_prompt if num_images_per_prompt is not None else settings.num_images_per_prompt
     pres_images = pres_num_images if pres_num_images is not None else settings.pres_num_images
-    steps = num_inference_steps if num_inference_steps is not None else settings.num_inference_steps
-    common = {"num_inference_steps": steps, "guidance_scale": settings.guidance_scale,
-              "scheduler": settings.scheduler, "resolution": settings.resolution}
-    requests = [
-        {"kind": SUBJECT, "prompt_index": p, "prompt": prompt, "image_index": k, "seed": derive_seed(settings.seed, k), **common}
-        for p, prompt in enumerate(prompts)
-        for k in range(images)
-    ]
+    generation = settings.generation()
+    if num_inference_steps is not None:
+        generation = replace(generation, num_inference_steps=num_inference_steps)
+    jobs = plan_jobs(prompts, images, settings.seed)
     pres_prompt = None
     if pres_images > 0:
         pres_prompt = settings.pres_prompt or f"a {class_noun}"
-        requests += [
-            {"kind": CLASS, "prompt_index": -1, "prompt": pres_prompt, "image_index": k, "seed": derive_seed(settings.seed, k), **common}
-            for k in range(pres_images)
-        ]
-    return EvaluationPlan(identifier, class_noun, prompts, pres_prompt, requests)
-
-
-def request_key(request: dict[str, Any]) -> tuple[str, int, int]:
-    """Identifies one generated image (distributed samplers may repeat requests to even out ranks)."""
-    return request["kind"], int(request["prompt_index"]), int(request["image_index"])
-
-
-def collate_requests(requests: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Keeps requests as plain dicts (the default collate would turn seeds into tensors)."""
-    return {"requests": list(requests)}
+        jobs += plan_jobs([pres_prompt], pres_images, settings.seed, kind=CLASS)
+    return EvaluationPlan(identifier, class_noun, prompts, pres_prompt, jobs, generation)

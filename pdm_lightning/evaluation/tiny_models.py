@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pdm_lightning.atomic import staged_directory
+from pdm_lightning.core.atomic import staged_directory
 from pdm_lightning.tiny import build_tokenizer
 
 IMAGE_SIZE = 32

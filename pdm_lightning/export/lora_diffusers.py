@@ -9,9 +9,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import get_peft_model_state_dict
 
-from pdm_lightning.atomic import staged_directory
+from pdm_lightning.core.atomic import staged_directory
 from pdm_lightning.export.lora_layers import has_lora
-from pdm_lightning.model.lora import ADAPTER_NAME
+from pdm_lightning.training.lora import ADAPTER_NAME
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pdm_lightning.export.files import write_safetensors_atomically
+from pdm_lightning.core.atomic import write_safetensors_atomically
 from pdm_lightning.export.lora_layers import LoraWeights
 
 UNET_PREFIX = "lora_unet_"

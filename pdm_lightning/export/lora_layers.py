@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import LoraLayer
 
-from pdm_lightning.model.lora import ADAPTER_NAME
+from pdm_lightning.training.lora import ADAPTER_NAME
 
 
 @dataclass(frozen=True)

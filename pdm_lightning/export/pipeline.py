@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pdm_lightning.atomic import staged_directory
-from pdm_lightning.export.files import write_safetensors_atomically
+from pdm_lightning.core.atomic import staged_directory
+from pdm_lightning.core.atomic import write_safetensors_atomically
 from pdm_lightning.export.single_file import to_original_layout
-from pdm_lightning.model.loading import load_pipeline
+from pdm_lightning.core.loading import load_pipeline
 
 # The parts whose weights a pipeline export holds (tokenizer and scheduler have none).
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")

@@ -22,7 +22,8 @@ from pdm_lightning.export.pipeline import (
 )
 from pdm_lightning.export.single_file import check_single_file_support
 from pdm_lightning.export.verify import check_file, verify_lora_loads, verify_pipeline_folder, verify_single_file
-from pdm_lightning.model.loading import DTYPES, load_pipeline
+from pdm_lightning.core.dtypes import DTYPES
+from pdm_lightning.core.loading import load_pipeline
 
 
 @dataclass

@@ -21,8 +21,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from pdm_lightning.data.dataset import load_training_image
-from pdm_lightning.data.images import InputDataError
+from pdm_lightning.data.crops import load_training_image
+from pdm_lightning.core.dtypes import DTYPES
+from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture
 from pdm_lightning.pdm.fingerprint import file_sha256, model_fingerprint
 from pdm_lightning.pdm.inversion import invert_and_reconstruct, trajectory_timesteps
@@ -30,8 +31,8 @@ from pdm_lightning.pdm.storage import PreallocatedSafetensors, read_metadata, re
 
 # Bumped whenever the procedure or the file layout changes, so old caches become misses.
 BANK_FORMAT = "pdm-bank-1"
-STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The bank is stored in float16 or float32 (bfloat16 would lose the queries' precision for nothing).
+STORAGE_DTYPES = {name: DTYPES[name] for name in ("float16", "float32")}
 MODES = ("bank", "latents", "both")
 # Per-image keys of the metadata (the rest comes from BankSettings and the model fingerprint).
 IMAGE_KEYS = ("image_name", "image_sha256")
@@ -69,8 +70,8 @@ class BankSettings:
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}.")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}.")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}.")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
         if self.resolution <= 0 or self.resolution % 8:
@@ -250,11 +251,11 @@ class BankExtractor:
     """The frozen base model set up for extraction: runs the batched inversion and writes the files."""
 
     def __init__(self, settings: BankSettings, components: object | None, device: str | torch.device | None) -> None:
-        from pdm_lightning.model.loading import load_components
+        from pdm_lightning.core.loading import load_components
 
         self.settings = settings
         self.device = torch.device(device) if device is not None else default_device()
-        self.compute_dtype = COMPUTE_DTYPES[settings.compute_dtype]
+        self.compute_dtype = DTYPES[settings.compute_dtype]
         parts = components or load_components(
             settings.pretrained_model_name_or_path, settings.revision, settings.variant
         )

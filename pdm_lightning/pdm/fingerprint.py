@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pdm_lightning.atomic import write_bytes_atomically
+from pdm_lightning.core.atomic import write_bytes_atomically
 
 # What the bank depends on inside a diffusers pipeline folder.
 MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

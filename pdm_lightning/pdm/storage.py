@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pdm_lightning.atomic import TMP_PREFIX, TMP_SUFFIX
+from pdm_lightning.core.atomic import TMP_PREFIX, TMP_SUFFIX
 
 SAFETENSORS_DTYPES = {
     torch.float16: "F16",

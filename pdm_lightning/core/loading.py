@@ -11,13 +11,44 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from huggingface_hub import hf_hub_download
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pdm_lightning.core.errors import InputDataError
+
 PIPELINE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
-# User-facing names of the dtypes weights can be saved or run in.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype` in 2026 (the old name warns); the
 # helper that resolves the two names exists exactly in the releases that accept `dtype`.
 _DTYPE_KEYWORD = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base model comes from: a local diffusers folder or a hub id, with revision and variant.
+
+    The model's three options (``--model.pretrained_model_name_or_path``, ``revision``, ``variant``)
+    as one record, for the code that loads base weights besides the module (class images, bank, tokenizer).
+    """
+
+    pretrained_model_name_or_path: str
+    revision: str | None = None
+    variant: str | None = None
+
+    def check(self) -> None:
+        """Fails early, with the fix, when the source cannot be a Stable Diffusion pipeline."""
+        check_model_source(self.pretrained_model_name_or_path, self.revision)
+
+    def components(self) -> StableDiffusionComponents:
+        return load_components(self.pretrained_model_name_or_path, self.revision, self.variant)
+
+    def pipeline(self, dtype: torch.dtype = torch.float32, **components: torch.nn.Module) -> StableDiffusionPipeline:
+        return load_pipeline(self.pretrained_model_name_or_path, self.revision, self.variant, dtype, **components)
+
+    def tokenizer(self) -> CLIPTokenizer:
+        return CLIPTokenizer.from_pretrained(self.pretrained_model_name_or_path, subfolder="tokenizer", revision=self.revision)
+
+    def text_encoder(self) -> CLIPTextModel:
+        return CLIPTextModel.from_pretrained(
+            self.pretrained_model_name_or_path, subfolder="text_encoder", revision=self.revision, variant=self.variant
+        )
 
 
 @dataclass
@@ -80,7 +111,6 @@ def check_model_source(pretrained_model_name_or_path: str, revision: str | None 
     the cache when offline). Without this check a wrong path surfaces much later, and transformers
     even builds an empty tokenizer from a missing folder without complaint.
     """
-    from pdm_lightning.data.images import InputDataError
 
     path = Path(pretrained_model_name_or_path).expanduser()
     if path.is_file():

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
-from pdm_lightning.data.masks import MaskMode, mask_to_latent, mask_to_tokens
-from pdm_lightning.data.sampler import derive_seed
-from pdm_lightning.generate import GenerationSettings, ImageJob, sample_images
+from pdm_lightning.core.dtypes import compute_dtype
+from pdm_lightning.losses.masks import MaskMode, mask_to_latent, mask_to_tokens
+from pdm_lightning.core.seeding import derive_seed
+from pdm_lightning.generation.sampling import generate_batch
 from pdm_lightning.losses.diffusion import (
     add_noise,
     compute_snr,
@@ -22,22 +22,13 @@ from pdm_lightning.losses.diffusion import (
     sample_noise,
 )
 from pdm_lightning.losses.pdm import pdm_loss
-from pdm_lightning.model.inference import inference_pipeline
-from pdm_lightning.model.loading import load_components
-from pdm_lightning.model.lora import LoraSettings, add_lora_adapters
-from pdm_lightning.model.optim import OptimizerConfig, build_lr_scheduler, build_optimizer
-from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture
-from pdm_lightning.pdm.teacher import unet_query_fn
-
-
-def compute_dtype(precision: str | int | None) -> torch.dtype:
-    """The dtype the Trainer's precision setting computes in (frozen parts are stored in it)."""
-    precision = str(precision)
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return torch.float32
+from pdm_lightning.core.loading import ModelSource
+from pdm_lightning.data.batch import Batch
+from pdm_lightning.training.lora import LoraSettings, add_lora_adapters
+from pdm_lightning.training.optim import OptimizerConfig, build_lr_scheduler, build_optimizer
+from pdm_lightning.pdm.capture import QueryCapture
+from pdm_lightning.pdm.settings import PDMSettings
+from pdm_lightning.pdm.teacher import PDMTeacher
 
 
 class DreamBoothModule(L.LightningModule):
@@ -62,12 +53,9 @@ class DreamBoothModule(L.LightningModule):
         noise_seed: seed of the per-step noise, timesteps and VAE sampling.
         lora: train LoRA adapters (on the UNet, and on the text encoder with train_text_encoder)
             instead of the full weights; None fine-tunes the full weights.
-        use_pdm_loss: add the PDM loss (PDMBooth); the data module then supplies the PDM chunk.
-        pdm_loss_weight: weight of the PDM loss; None takes the method's: 0.1 full fine-tune, 0.05 with LoRA.
-        pdm_layer: module path of the ``to_q`` whose output is the appearance query (SD1.5 default).
-        pdm_teacher: ``bank`` reads the teacher's queries from the feature bank; ``on_the_fly`` recomputes
-            them from stored latents with the pretrained UNet (the same UNet with adapters off under LoRA,
-            a frozen copy in the compute dtype under full fine-tuning).
+        pdm: the PDM loss (PDMBooth) and its teacher (weight, layer, bank or on-the-fly teacher, bank
+            settings); None trains without it. train.py hands the same settings to the data module, which
+            then adds the PDM chunk to every batch.
         mask_instance_loss: restrict the instance loss to the subject (needs subject masks).
         mask_prior_loss: restrict the prior loss to the subject of each class image (needs class masks).
         mask_pdm_loss: restrict the PDM loss to the subject's tokens (needs subject masks).
@@ -90,10 +78,7 @@ class DreamBoothModule(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         noise_seed: int = 0,
         lora: LoraSettings | None = None,
-        use_pdm_loss: bool = False,
-        pdm_loss_weight: float | None = None,
-        pdm_layer: str = DEFAULT_PDM_LAYER,
-        pdm_teacher: Literal["bank", "on_the_fly"] = "bank",
+        pdm: PDMSettings | None = None,
         mask_instance_loss: bool = False,
         mask_prior_loss: bool = False,
         mask_pdm_loss: bool = False,
@@ -102,17 +87,18 @@ class DreamBoothModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_config = optimizer or OptimizerConfig()
-        self.lora = lora
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        self.pdm = PDMSettings(**pdm) if isinstance(pdm, dict) else pdm
         self.tokenizer = self.text_encoder = self.vae = self.unet = self.noise_scheduler = None
-        self.teacher_unet = None  # full fine-tuning with an on-the-fly PDM teacher only
-        self.query_capture: QueryCapture | None = None
+        self.pdm_teacher: PDMTeacher | None = None
+        self.teacher_unet = None  # registered here so it moves with the module (on-the-fly teacher, full fine-tune)
         # Checkpoints carry only trainable weights; on_load_checkpoint checks none of those is missing.
         self.strict_loading = False
 
     def configure_model(self) -> None:
         if self.unet is not None:
             return
-        parts = load_components(self.hparams.pretrained_model_name_or_path, self.hparams.revision, self.hparams.variant)
+        parts = self.source.components()
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.text_encoder, self.vae, self.unet = parts.text_encoder, parts.vae, parts.unet
         self.register_buffer("alphas_cumprod", parts.noise_scheduler.alphas_cumprod.clone(), persistent=False)
@@ -134,8 +120,10 @@ class DreamBoothModule(L.LightningModule):
                 add_lora_adapters(self.text_encoder, self.lora, self.lora.text_encoder_target_modules)
             else:
                 self.text_encoder.requires_grad_(False)
-        if self.hparams.use_pdm_loss:
-            self._configure_pdm(frozen_dtype)
+        if self.pdm is not None:
+            self.pdm_teacher = PDMTeacher(self.pdm, self.source)
+            self.pdm_teacher.attach(self.unet, lora=self.lora is not None, teacher_dtype=frozen_dtype)
+            self.teacher_unet = self.pdm_teacher.teacher_unet
 
         if self.hparams.attention_backend == "xformers":
             if importlib.util.find_spec("xformers") is None:
@@ -149,13 +137,6 @@ class DreamBoothModule(L.LightningModule):
             if self.hparams.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
 
-    def _configure_pdm(self, teacher_dtype: torch.dtype) -> None:
-        if self.hparams.pdm_teacher == "on_the_fly" and self.lora is None:
-            # Copied before any training step (and before a checkpoint is restored): the pretrained weights.
-            self.teacher_unet = copy.deepcopy(self.unet).requires_grad_(False).to(dtype=teacher_dtype).eval()
-        # Registered after LoRA injection, so the student's query includes the adapter's delta.
-        self.query_capture = QueryCapture(self.unet, self.hparams.pdm_layer)
-
     def train(self, mode: bool = True) -> DreamBoothModule:
         """Switches the trained parts' mode; frozen parts stay in eval mode (from_pretrained loads all in eval)."""
         super().train(mode)
@@ -168,10 +149,25 @@ class DreamBoothModule(L.LightningModule):
         return self
 
     @property
+    def source(self) -> ModelSource:
+        """The base model this module loads (and the data module prepares with)."""
+        return ModelSource(self.hparams.pretrained_model_name_or_path, self.hparams.revision, self.hparams.variant)
+
+    @property
     def pdm_loss_weight(self) -> float:
-        if self.hparams.pdm_loss_weight is not None:
-            return self.hparams.pdm_loss_weight
-        return 0.05 if self.lora is not None else 0.1
+        return self.pdm.loss_weight(self.lora is not None) if self.pdm is not None else 0.0
+
+    @property
+    def query_capture(self) -> QueryCapture | None:
+        """The PDM hook on the student's query layer (None without PDM)."""
+        return self.pdm_teacher.capture if self.pdm_teacher is not None else None
+
+    def release_pdm_teacher(self) -> None:
+        """Drops the PDM hook and teacher copy (generation from a trained run needs neither)."""
+        if self.pdm_teacher is not None:
+            self.pdm_teacher.release()
+        self.pdm_teacher = None
+        self.teacher_unet = None
 
     @property
     def prediction_type(self) -> str:
@@ -198,36 +194,36 @@ class DreamBoothModule(L.LightningModule):
     def _step_generator(self) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self._step_seed())
 
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         # LoRA dropout (like anything drawing from the global RNG) then depends only on the step:
         # Lightning checkpoints hold no RNG state, so this is what makes resumes with dropout exact.
         torch.manual_seed(self._step_seed(1))
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         generator = self._step_generator()
-        latents = self.encode_images(batch["pixel_values"], generator)
+        latents = self.encode_images(batch.pixel_values, generator)
         noise = sample_noise(latents.shape, generator, self.device, self.hparams.offset_noise)
-        num_pdm = int(batch.get("num_pdm", 0))
-        if bool(num_pdm) != self.hparams.use_pdm_loss:
+        num_pdm = batch.num_pdm
+        if bool(num_pdm) != (self.pdm is not None):
             raise RuntimeError(
-                f"use_pdm_loss is {self.hparams.use_pdm_loss} on the model but the batch {'has' if num_pdm else 'lacks'} "
-                "a PDM chunk: set use_pdm_loss on the data module alike (train.py links them)."
+                f"The model {'has' if self.pdm is not None else 'has no'} PDM settings but the batch "
+                f"{'has' if num_pdm else 'lacks'} a PDM chunk: give the data module the same pdm settings (train.py links them)."
             )
         num_diffusion = latents.shape[0] - num_pdm  # instance (+ class) chunks; the PDM chunk comes last
         num_timesteps = self.alphas_cumprod.shape[0]
         timesteps = torch.randint(0, num_timesteps, (num_diffusion,), generator=generator, device=self.device)
         if num_pdm:  # the PDM chunk's timesteps come from the teacher's trajectory (never interpolated)
-            timesteps = torch.cat([timesteps, batch["pdm_timestep"].to(timesteps)])
+            timesteps = torch.cat([timesteps, batch.pdm_timesteps.to(timesteps)])
         noisy_latents = add_noise(latents, noise, timesteps, self.alphas_cumprod)
 
-        prediction = self(noisy_latents, timesteps, batch["input_ids"])[:num_diffusion]
+        prediction = self(noisy_latents, timesteps, batch.input_ids)[:num_diffusion]
         latents, noise, timesteps = latents[:num_diffusion], noise[:num_diffusion], timesteps[:num_diffusion]
         target = diffusion_target(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type)
         weights = None
         if self.hparams.snr_gamma is not None:
             snr = compute_snr(self.alphas_cumprod, timesteps)
             weights = min_snr_weights(snr, self.hparams.snr_gamma, self.prediction_type)
-        num_instance = int(batch["num_instance"])
+        num_instance = batch.num_instance
         loss = dreambooth_loss(
             per_sample_mse(prediction, target, self._diffusion_mask(batch, num_instance, latents)),
             num_instance,
@@ -236,12 +232,12 @@ class DreamBoothModule(L.LightningModule):
         )
         total = loss.total
         if num_pdm:
-            student = self.query_capture.pop()[num_diffusion:]
+            student = self.pdm_teacher.student_queries()[num_diffusion:]
             token_mask = None
             if self.hparams.mask_pdm_loss:
                 latent_mask = self._latent_mask(batch, "pdm", latents.shape[-2:])
                 token_mask = mask_to_tokens(latent_mask, student.shape[1], self.hparams.mask_mode)
-            loss_pdm = pdm_loss(student, self.teacher_queries(batch), token_mask)
+            loss_pdm = pdm_loss(student, self.pdm_teacher.targets(batch.teacher, batch.pdm_timesteps), token_mask)
             total = total + self.pdm_loss_weight * loss_pdm
             self.log("train/loss_pdm", loss_pdm)
 
@@ -251,7 +247,7 @@ class DreamBoothModule(L.LightningModule):
             self.log("train/loss_prior", loss.prior)
         return total
 
-    def _diffusion_mask(self, batch: dict[str, Any], num_instance: int, latents: torch.Tensor) -> torch.Tensor | None:
+    def _diffusion_mask(self, batch: Batch, num_instance: int, latents: torch.Tensor) -> torch.Tensor | None:
         """Latent-resolution subject masks of the instance (+ class) chunk; ones where masking is off."""
         chunks = {
             "instance": (0, num_instance, self.hparams.mask_instance_loss),
@@ -264,24 +260,15 @@ class DreamBoothModule(L.LightningModule):
                 mask[start:stop] = self._latent_mask(batch, chunk, latents.shape[-2:])
         return mask
 
-    def _latent_mask(self, batch: dict[str, Any], chunk: str, latent_hw: torch.Size) -> torch.Tensor:
-        key = f"{chunk}_mask"
-        if key not in batch:
+    def _latent_mask(self, batch: Batch, chunk: str, latent_hw: torch.Size) -> torch.Tensor:
+        pixel_mask = batch.mask(chunk)
+        if pixel_mask is None:
             loss = "prior" if chunk == "class" else chunk
             raise RuntimeError(
-                f"mask_{loss}_loss is on but the batch has no {key}: give the data module subject masks "
+                f"mask_{loss}_loss is on but the batch has no {chunk} masks: give the data module subject masks "
                 "(--data.masks.instance_mask_dir, or --data.masks.auto_mask_model)."
             )
-        return mask_to_latent(batch[key], latent_hw, self.hparams.mask_mode)
-
-    def teacher_queries(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The pretrained model's queries for the batch's PDM chunk: read from the bank, or recomputed."""
-        if "pdm_queries" in batch:
-            return batch["pdm_queries"]
-        # Full fine-tuning: the frozen copy. LoRA: the same UNet with its adapters off (no second copy).
-        teacher = self.teacher_unet if self.teacher_unet is not None else self.unet
-        query = unet_query_fn(teacher, batch["pdm_condition"], self.hparams.pdm_layer, disable_adapters=self.lora is not None)
-        return query(batch["pdm_latents"], batch["pdm_timestep"])
+        return mask_to_latent(pixel_mask, latent_hw, self.hparams.mask_mode)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Generates a batch of ``DreamBoothDataModule.predict_dataloader`` with the live weights (LoRA active).
@@ -289,12 +276,7 @@ class DreamBoothModule(L.LightningModule):
         Each image has its own seeded generator, so it does not depend on the batch it falls in;
         ``PredictionWriter`` saves the returned images.
         """
-        jobs = [ImageJob(**job) for job in batch["jobs"]]
-        settings = GenerationSettings(**batch["generation"])
-        pipeline = inference_pipeline(self, settings.scheduler)
-        pipeline.set_progress_bar_config(disable=True)
-        # Plain dicts and images: Lightning's output transfer refuses frozen dataclasses.
-        return {**batch, "images": sample_images(pipeline, jobs, settings)}
+        return generate_batch(self, batch, held=(self.query_capture,))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Generates the batch's evaluation images (``DreamBenchEvaluation`` embeds and scores them)."""
@@ -304,12 +286,9 @@ class DreamBoothModule(L.LightningModule):
         """Generates the batch's evaluation images (``DreamBenchEvaluation`` embeds and scores them)."""
         return self.generate_evaluation_images(batch)
 
-    @torch.no_grad()
     def generate_evaluation_images(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """``{"requests", "images"}``: one PIL image per request, seeded by the request (prompt, image index)."""
-        from pdm_lightning.evaluation.generation import generate_for_requests
-
-        return {"requests": batch["requests"], "images": generate_for_requests(self, batch["requests"])}
+        """The batch of ``DreamBoothDataModule.evaluation_plan`` jobs with one PIL image per job (``images``)."""
+        return generate_batch(self, batch, held=(self.query_capture,))
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(

@@ -15,17 +15,18 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pdm_lightning.atomic import remove_stale_partials, write_bytes_atomically
-from pdm_lightning.data.images import list_image_files
-from pdm_lightning.data.sampler import derive_seed
+from pdm_lightning.core.atomic import remove_stale_partials, write_bytes_atomically
+from pdm_lightning.core.images import list_image_files
+from pdm_lightning.core.seeding import derive_seed
+from pdm_lightning.generation.settings import GenerationSettings, require_positive
 
 MANIFEST_NAME = "pdm_lightning_class_images.json"
 # Settings that change what an image looks like; a mismatch on any of them is reported.
@@ -33,30 +34,37 @@ _COMPARED_SETTINGS = ("prompt", "base_model", "revision", "sampler", "num_infere
 
 
 @dataclass
-class ClassImageGeneration:
-    """How missing class images are generated (with the pretrained pipeline, before training).
+class ClassImageGeneration(GenerationSettings):
+    """How missing class images are generated (with the pretrained pipeline, before training), with the
+    base model's own sampler at the training resolution (``--data.resolution``).
 
     Args:
-        sample_batch_size: images generated per pipeline call.
         num_inference_steps: sampler steps per image.
         guidance_scale: classifier-free guidance scale.
-        precision: pipeline dtype; ``auto`` is fp16 on CUDA and fp32 on CPU.
-        seed: base seed; image slot ``k`` uses a seed derived from (seed, k).
         negative_prompt: optional negative prompt.
+        sample_batch_size: images generated per pipeline call.
+        precision: pipeline dtype; ``auto`` is float16 on CUDA and float32 on CPU.
+        seed: base seed; image slot ``k`` uses a seed derived from (seed, k).
     """
 
-    sample_batch_size: int = 4
+    option_prefix: ClassVar[str] = "--data.class_generation."
+
+    # The prior is learned from these images: full-quality samples of the base model (DreamBooth's 50 steps).
     num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # Not options here: the base model's own sampler (what the manifest records) and the training resolution.
+    scheduler: str | None = field(default=None, init=False)
+    height: int | None = field(default=None, init=False)
+    width: int | None = field(default=None, init=False)
+    sample_batch_size: int = 4
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     seed: int = 0
-    negative_prompt: str | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive(self.option("sample_batch_size"), self.sample_batch_size)
 
-def resolve_generation_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    def _check_scheduler(self) -> None:
+        """Nothing to check: the pipeline keeps the sampler the base model ships with."""
 
 
 def list_class_images(class_dir: str | os.PathLike) -> list[Path]:

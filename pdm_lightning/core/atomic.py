@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 TMP_PREFIX = ".pdm_lightning-"
 TMP_SUFFIX = ".partial"
 
@@ -60,3 +63,17 @@ def staged_directory(destination: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def write_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Saves to a temporary sibling (the project's partial-file naming), flushes it, renames it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}{TMP_SUFFIX}")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -14,16 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pdm_lightning.core.errors import InputDataError
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Photo formats Pillow cannot decode without plugins: reported as errors, not silently skipped.
 UNSUPPORTED_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".cr2", ".nef", ".arw", ".dng"})
 # An image whose shorter side is below this fraction of the resolution would be upscaled so much
 # that the model learns blur: refuse it. Between this and the resolution: warn.
 MIN_SIDE_FRACTION = 0.5
-
-
-class InputDataError(ValueError):
-    """A problem with the user's inputs (folders, images, prompts), with what to do about it."""
 
 
 def list_image_files(folder: str | os.PathLike, role: str, ignore: Iterable[str] = ()) -> list[Path]:
