@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("model (exactly one of --pipeline, --lora, --checkpoint)")
     source.add_argument("--pipeline", help="exported pipeline folder (<run>/export/pipeline) or a diffusers SD folder")
-    source.add_argument("--lora", help="LoRA folder or .safetensors file (diffusers or kohya), on the base model")
+    source.add_argument("--lora", help="LoRA folder or .safetensors file (diffusers or kohya), on the base model; "
+                        "a .bin is read weights-only (tensors, never code)")
     source.add_argument("--checkpoint", help="training checkpoint (<run>/checkpoints/*.ckpt)")
     source.add_argument("--pretrained_model_name_or_path",
                         help="base model: required with --lora; with --checkpoint it replaces the recorded one")

@@ -6,10 +6,16 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from pdm_lightning.callbacks.checkpoint import StepCheckpoint
 from pdm_lightning.callbacks.export import ExportWeights
@@ -20,7 +26,12 @@ from pdm_lightning.callbacks.quality_checkpoint import QualityCheckpoint
 from pdm_lightning.callbacks.samples import SampleImages
 from pdm_lightning.training.datamodule import DreamBoothDataModule
 from pdm_lightning.core.errors import InputDataError
+from pdm_lightning.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from pdm_lightning.training.module import DreamBoothModule
+from pdm_lightning.training.resume import check_explicit_checkpoint, choose_resume_checkpoint, damage_note
+from pdm_lightning.export.export_set import ExportSetError
+from pdm_lightning.export.verify import ExportVerificationError, NonFiniteExportError
+from pdm_lightning.training.nonfinite import NonFiniteTrainingError
 
 # The run directory is the logger's folder (name and version empty), so checkpoints/, the
 # TensorBoard events and export/ sit at one stable path and `--ckpt_path last` finds last.ckpt there.
@@ -32,6 +43,10 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 1,
     "max_steps": 700,
 }
+
+# Values of --ckpt_path that Lightning resolves itself ("last" is checked in PDMLightningCLI.resolve_last_checkpoint).
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+REMOTE_CKPT_PREFIXES = ("registry:",)  # Lightning's model-registry paths (fetched, then loaded by AtomicCheckpointIO)
 
 # The frozen VAE (and text encoder) stay in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -84,6 +99,64 @@ class PDMLightningCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads an explicit --ckpt_path's hyper-parameters right after parsing: a damaged
+        # file must be named in one line now, not in a torch zip traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and not str(ckpt_path).startswith(REMOTE_CKPT_PREFIXES) \
+                and "://" not in str(ckpt_path):
+            check_explicit_checkpoint(Path(ckpt_path).expanduser())
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, writing checkpoints through ``AtomicCheckpointIO`` unless a CheckpointIO was given."""
+        trainer_config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer") or {}
+        plugins = kwargs.get("plugins", trainer_config.get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        strategy = kwargs.get("strategy", trainer_config.get("strategy"))
+        # A strategy object may carry its own CheckpointIO (Lightning refuses one there and one in plugins).
+        own_io = isinstance(strategy, Strategy) and getattr(strategy, "_checkpoint_io", None) is not None
+        if not own_io and not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            # A plug-in, not a strategy setting: every strategy (DDP included) takes it as its checkpoint_io.
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest intact checkpoint of the run, chosen before Lightning reads it.
+
+        Each damaged file is named in one line; those cut short by an interrupted write (nothing can read
+        them) are removed, so that the re-run step is saved under its own name again. A fallback to an
+        earlier step is said in one line. Left as ``last`` when the run has no checkpoint yet (Lightning
+        then warns and starts from scratch).
+        """
+        config = self.config_init[self.subcommand]
+        callback = next((cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, StepCheckpoint)), None)
+        if config.get("ckpt_path") != "last" or callback is None:
+            return
+        choice = choose_resume_checkpoint(callback.checkpoint_folder(self.trainer))
+        for check in choice.damaged:
+            remove = check.damage.interrupted
+            if remove and rank_zero_only.rank == 0:  # in DDP every rank chooses, rank 0 alone removes
+                check.path.unlink(missing_ok=True)
+            rank_zero_info(damage_note(check, removed=remove))
+        if choice.note:
+            rank_zero_info(choice.note)
+        if choice.path is not None:
+            config["ckpt_path"] = str(choice.path)
+
+    def before_fit(self) -> None:
+        self.resolve_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self.resolve_last_checkpoint()
+
+    def before_test(self) -> None:
+        self.resolve_last_checkpoint()
+
+    def before_predict(self) -> None:
+        self.resolve_last_checkpoint()
+
 
 def with_commented_print_config(args: list[str]) -> list[str]:
     """A bare ``--print_config`` prints each option's help above it (jsonargparse's ``comments`` flag)."""
@@ -110,12 +183,20 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PDMLightningCLI
 
 @contextmanager
 def report_input_errors() -> Iterator[None]:
-    """Input problems as one clear line (and exit status 2) instead of a traceback."""
+    """Input problems as one clear line (and exit status 2) instead of a traceback; a failed checkpoint
+    write (a full disk), a diverged run or a refused export as one line too, with exit status 1."""
     try:
         yield
     except InputDataError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointWriteError as error:
+        print(f"error: {error.strerror}", file=sys.stderr)
+        sys.exit(1)
+    except (NonFiniteTrainingError, NonFiniteExportError, ExportVerificationError, ExportSetError) as error:
+        # The run stopped on purpose, with the reason and the last good checkpoint in the message.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

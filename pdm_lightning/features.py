@@ -3,9 +3,12 @@
     python -m pdm_lightning.features --pretrained_model_name_or_path M --instance_data_dir DIR \\
         --class_prompt "a photo of dog" --resolution 512 --out OUT
 
-writes one ``<image stem>.safetensors`` per instance image into OUT with ``queries``
-[timesteps, tokens, dim] (row t = timestep t in the default faithful mode), ``timesteps``, and the
-settings in the file's metadata. Finished files are reused, so an interrupted run resumes per image.
+writes one ``<image stem>.safetensors`` per instance image into OUT (named after the photos' stems,
+for the user; the training cache names its files by the photos' content instead) with ``queries``
+[timesteps, tokens, dim] (row t = timestep t in the default faithful mode), ``timesteps``, a crc32 of
+every row (``<name>_crc32``), and the settings in the file's metadata. Finished files are reused after
+every row passes its checksum, so an interrupted run resumes per image; a damaged or mismatching
+file in OUT is an error naming it (OUT is never rewritten: delete the file to rebuild it).
 """
 
 from __future__ import annotations

@@ -7,11 +7,18 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import SafetensorError, safe_open
 
 from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.core.loading import check_model_source, load_pipeline
 from pdm_lightning.export.lora_diffusers import LORA_WEIGHT_NAME
 from pdm_lightning.generation.sampling import inference_pipeline
+from pdm_lightning.training.checkpoint_io import (
+    DamagedCheckpointError,
+    RefusedCheckpointError,
+    load_checkpoint_file,
+    refused_global,
+)
 from pdm_lightning.training.module import DreamBoothModule
 
 
@@ -35,10 +42,41 @@ def pipeline_with_lora(
     """The base model with LoRA weights: a diffusers LoRA folder (``pytorch_lora_weights.safetensors``)
     or a single ``.safetensors`` file (diffusers or kohya layout; diffusers converts kohya keys)."""
     weights = lora_weights_file(_existing(lora, "--lora", "give the exported LoRA folder or a .safetensors file."))
+    pickled = None if weights.suffix == ".safetensors" else pickled_lora_weights(weights)
+    if pickled is None:
+        check_safetensors(weights)
     check_model_source(pretrained_model_name_or_path)
     pipeline = load_pipeline(pretrained_model_name_or_path, dtype=dtype)
-    pipeline.load_lora_weights(str(weights.parent), weight_name=weights.name)
+    if pickled is None:
+        # use_safetensors=True: diffusers would otherwise retry a file that fails as safetensors as a pickle.
+        pipeline.load_lora_weights(str(weights.parent), weight_name=weights.name, use_safetensors=True)
+    else:
+        pipeline.load_lora_weights(pickled)
     return pipeline
+
+
+def check_safetensors(weights: Path) -> None:
+    """Refuses a ``.safetensors`` LoRA that is not one (a renamed pickle, a cut-short download)."""
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise InputDataError(f"--lora {weights} is not a valid .safetensors file ({error}): re-export the LoRA "
+                             "(<run>/export/lora) or download it again.") from error
+
+
+def pickled_lora_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """A pickled (``.bin``) LoRA read with ``weights_only=True``: tensors only, nothing in it is run."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling errors of every kind mean the same here
+        refused = refused_global(error)
+        reason = f"it holds {refused}, which is not a tensor: loading it could run code" if refused else type(error).__name__
+        raise InputDataError(f"--lora {weights} was refused ({reason}): give LoRA weights as .safetensors "
+                             "(the export's lora folder) or a .bin of tensors only.") from error
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise InputDataError(f"--lora {weights} is not a LoRA state dict (name -> tensor): give the export's lora folder.")
+    return state
 
 
 def lora_weights_file(lora: Path) -> Path:
@@ -73,7 +111,7 @@ def module_from_checkpoint(
         # Every frozen weight is "missing" from the checkpoint by design (they come from the base model).
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
         module = DreamBoothModule.load_from_checkpoint(
-            path, map_location="cpu", weights_only=False, pretrained_model_name_or_path=base
+            path, map_location="cpu", weights_only=True, pretrained_model_name_or_path=base
         )
     return module.eval()
 
@@ -82,14 +120,18 @@ def checkpoint_hyperparameters(path: Path) -> dict:
     """The module's saved hyper-parameters, read without loading the weights and optimizer states.
 
     Memory-mapped: a full fine-tune's checkpoint (weights + AdamW states) is several times the model's
-    size, and Lightning reads all of it again to build the module.
+    size, and Lightning reads all of it again to build the module. Read with ``weights_only=True``
+    (as Lightning's second read): a crafted file is refused, never run.
     """
     not_a_checkpoint = (f"--checkpoint {path} is not a pdm_lightning training checkpoint (no hyper_parameters / "
                         "state_dict): give a .ckpt from <run>/checkpoints.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # noqa: BLE001 - unpickling errors of every kind mean the same here
-        raise InputDataError(f"{not_a_checkpoint} ({type(error).__name__})") from error
+        state = load_checkpoint_file(path, map_location="cpu", mmap=True)
+    except RefusedCheckpointError as error:  # nothing in it was run
+        raise InputDataError(f"--checkpoint {error}") from error
+    except DamagedCheckpointError as error:
+        raise InputDataError(f"--checkpoint {error} It is not a pdm_lightning training checkpoint: give a .ckpt "
+                             "from <run>/checkpoints.") from error
     hparams = state.get("hyper_parameters") if isinstance(state, dict) and "state_dict" in state else None
     if not isinstance(hparams, dict) or "pretrained_model_name_or_path" not in hparams:
         raise InputDataError(not_a_checkpoint)

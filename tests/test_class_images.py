@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import threading
+import time
+import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import folder_snapshot
+from pdm_lightning.core.seeding import derive_seed
 from pdm_lightning.prepare.class_images import (
     MANIFEST_NAME,
     ClassImageGeneration,
+    folder_lock,
     generate_class_images,
+    list_class_images,
 )
 from pdm_lightning.core.loading import load_pipeline
 
@@ -131,3 +140,83 @@ def test_other_settings_are_reported_not_deleted(tmp_path: Path, tiny_model_dir:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(class_dir, 2, CountingLoader(tiny_model_dir))  # same settings: silent
+
+
+# ---------------------------------------------------------------------------------------------- concurrent runs
+
+
+class FakeSampler:
+    """Stands in for the pipeline's scheduler (only its class name is recorded)."""
+
+
+class FakePipeline:
+    """A pipeline without a model: each image is noise drawn from its generator's seed, after a short wait
+    (long enough for two processes' batches to interleave)."""
+
+    device = torch.device("cpu")
+    scheduler = FakeSampler()
+
+    def __call__(self, *, prompt: list[str], height: int, width: int, generator: list[torch.Generator], **_: object):
+        time.sleep(0.05)
+        images = [
+            Image.fromarray(np.random.default_rng(g.initial_seed()).integers(0, 256, (height, width, 3), dtype=np.uint8))
+            for g in generator
+        ]
+        return types.SimpleNamespace(images=images)
+
+
+def fill_class_folder(class_dir: Path, seed: int, number: int, barrier) -> None:  # noqa: ANN001 - a multiprocessing Barrier
+    """One run topping ``class_dir`` up to ``number`` images (the body of a child process)."""
+
+    def load_pipeline() -> FakePipeline:
+        barrier.wait(timeout=120)  # both runs have read the (empty) manifest before either writes
+        return FakePipeline()
+
+    settings = ClassImageGeneration(sample_batch_size=2, num_inference_steps=2, seed=seed)
+    generate_class_images(class_dir, "a photo of dog", number, load_pipeline, settings, resolution=16, base_model="fake")
+
+
+def test_two_runs_filling_one_folder_keep_every_record(tmp_path: Path) -> None:
+    """Issue 11, fault 10: two runs filling one class folder lost each other's manifest records (last writer won)."""
+    class_dir = tmp_path / "class"
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded pytest process
+    barrier = context.Barrier(2)
+    runs = [context.Process(target=fill_class_folder, args=(class_dir, seed, 8, barrier)) for seed in (1, 2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=300)
+    assert [run.exitcode for run in runs] == [0, 0]
+
+    images = {path.name for path in list_class_images(class_dir)}
+    records = json.loads((class_dir / MANIFEST_NAME).read_text())["images"]
+    assert len(images) >= 8
+    assert set(records) == images, f"images without a record: {sorted(images - set(records))}"
+    # Both runs contributed, and each record still describes its own image.
+    assert {record["seed"] == derive_seed(1, record["slot"]) for record in records.values()} == {True, False}
+    for name, record in records.items():
+        expected = np.random.default_rng(record["seed"]).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        assert np.array_equal(np.asarray(Image.open(class_dir / name)), expected), name
+    assert not list(class_dir.glob(".pdm_lightning-*"))
+
+
+def test_a_live_writers_partial_file_is_not_removed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A run starting while another writes must not delete the other's half-written file as stale."""
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    partial = class_dir / ".pdm_lightning-other.png.partial"
+    started = []
+
+    def generate_in_background() -> None:
+        started.append(True)
+        generate(class_dir, 1, CountingLoader(tiny_model_dir))
+
+    with folder_lock(class_dir):  # the other writer, in the middle of writing its image
+        partial.write_bytes(b"half")
+        worker = threading.Thread(target=generate_in_background)
+        worker.start()
+        time.sleep(0.5)
+        assert started and partial.exists()  # the new run waits for the lock instead of deleting
+    worker.join(timeout=120)
+    assert not partial.exists()  # once the writer is gone, its leftover is stale and removed
+    assert len(pngs(class_dir)) == 1

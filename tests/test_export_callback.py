@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from conftest import build_cli
+from pdm_lightning.export.export_set import check_export_set
 from pdm_lightning.export.single_file import UnsupportedModelError
 
 
@@ -24,10 +25,12 @@ def test_full_fine_tune_exports_pipeline_and_single_file_every_n_steps(
         "--export.every_n_train_steps", "1", "--export.dtype", "float16", "--export.name", "sks_dog",
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    export = tmp_path / "run" / "export"
-    assert sorted(p.name for p in export.iterdir()) == ["pipeline", "sks_dog.safetensors", "step_000001"]
-    assert sorted(p.name for p in (export / "step_000001").iterdir()) == ["pipeline", "sks_dog.safetensors"]
-    assert not list(export.rglob(".*"))  # no staging folder or partial file left
+    export, steps = tmp_path / "run" / "export", tmp_path / "run" / "export_steps"
+    assert sorted(p.name for p in export.iterdir()) == ["manifest.json", "pipeline", "sks_dog.safetensors"]
+    assert sorted(p.name for p in steps.iterdir()) == ["step_000001"]
+    assert sorted(p.name for p in (steps / "step_000001").iterdir()) == ["manifest.json", "pipeline", "sks_dog.safetensors"]
+    assert not list((tmp_path / "run").rglob(".*"))  # no staging folder or partial file left
+    assert check_export_set(export).step == 2 and check_export_set(steps / "step_000001").step == 1
 
     single_file = load_file(export / "sks_dog.safetensors")
     assert {tensor.dtype for tensor in single_file.values()} == {torch.float16}
@@ -40,7 +43,7 @@ def test_full_fine_tune_exports_pipeline_and_single_file_every_n_steps(
         assert state.keys() == trained.keys()
         assert all(torch.equal(state[key].half(), value.half()) for key, value in trained.items()), part
     # The step-1 export holds other (earlier) weights than the final one.
-    early = load_file(export / "step_000001" / "sks_dog.safetensors")
+    early = load_file(steps / "step_000001" / "sks_dog.safetensors")
     assert early.keys() == single_file.keys()
     assert any(not torch.equal(early[key], single_file[key]) for key in single_file if key.startswith("model.diffusion_model."))
 

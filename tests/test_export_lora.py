@@ -65,7 +65,7 @@ def module_outputs(module) -> dict[str, torch.Tensor]:  # noqa: ANN001
 
 
 def test_lora_run_exports_the_lora_files_and_no_pipeline(lora_run: dict) -> None:
-    assert sorted(p.name for p in lora_run["export"].iterdir()) == ["lora", KOHYA_FILE]
+    assert sorted(p.name for p in lora_run["export"].iterdir()) == ["lora", "manifest.json", KOHYA_FILE]
     assert [p.name for p in (lora_run["export"] / "lora").iterdir()] == [LORA_WEIGHT_NAME]
 
 

@@ -59,7 +59,7 @@ def test_cli_latents_mode_stores_reconstruction_latents(tiny_model_dir: Path, in
                          "--dtype", "float32")) == 0
     (path,) = out.iterdir()
     with safe_open(str(path), framework="pt") as handle:
-        assert set(handle.keys()) == {"timesteps", "latents"}
+        assert set(handle.keys()) == {"timesteps", "latents", "timesteps_crc32", "latents_crc32"}
         assert handle.get_slice("latents").get_shape() == [3, 4, 8, 8]
 
 
@@ -94,3 +94,27 @@ def test_cli_bad_inputs_give_one_clear_error(problem: str, tiny_model_dir: Path,
     assert expected[problem] in error
     assert not out.exists()
     assert folder_snapshot(instance_dir) == before
+
+
+def test_cli_refuses_a_damaged_file_in_its_folder_and_leaves_it(
+    tiny_model_dir: Path, instance_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A finished file whose data bytes changed (4 bytes flipped in place, size unchanged) is named, not reused."""
+    for extra in list_image_files(instance_dir, "instance")[1:]:
+        extra.unlink()
+    out = tmp_path / "features"
+    assert main(cli_args(tiny_model_dir, instance_dir, out, "--inversion_steps", "2")) == 0
+    (path,) = out.iterdir()
+    with open(path, "r+b") as handle:  # the last bytes are the queries' last row
+        handle.seek(-8, 2)
+        tail = handle.read(4)
+        handle.seek(-8, 2)
+        handle.write(bytes(b ^ 0xFF for b in tail))
+    damaged = path.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(tiny_model_dir, instance_dir, out, "--inversion_steps", "2"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{path} is damaged (row 2 of queries fails its checksum)" in error and error.count("\n") == 1
+    assert path.read_bytes() == damaged  # the user's folder is never rewritten

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import types
 import warnings
@@ -13,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import folder_snapshot
+from conftest import REPO_ROOT, folder_snapshot
 from pdm_lightning.data import masks as masks_module
 from pdm_lightning.data import segmentation
 from pdm_lightning.data.crops import load_training_crop, load_training_image
 from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.data.masks import (
+    MASK_MANIFEST_NAME,
     MaskSettings,
     check_mask_coverage,
     decode_mask,
@@ -27,6 +29,7 @@ from pdm_lightning.data.masks import (
     load_subject_mask,
     mask_overlay,
     resolve_instance_masks,
+    write_mask_manifest,
 )
 from pdm_lightning.losses.masks import mask_to_latent, mask_to_tokens, token_grid
 from pdm_lightning.losses.diffusion import per_sample_mse
@@ -122,6 +125,101 @@ def test_size_mismatch_and_unreadable_mask(tmp_path: Path) -> None:
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(InputDataError, match=r"broken\.png cannot be read.*greyscale PNG"):
         load_subject_mask(broken, photo_path)
+
+
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def test_bundled_dog_masks_refuse_the_backpack_photos() -> None:
+    """Issue 11, fault 4: the dog masks were silently applied to another subject's same-named, same-sized photos."""
+    backpack = sorted((EXAMPLES / "backpack").glob("*.jpg"))
+    dog_masks = EXAMPLES / "dog_masks"
+    # Names and sizes match, so neither can tell the masks are another subject's: only the manifest can.
+    assert [p.stem for p in backpack] == [p.stem for p in sorted(dog_masks.glob("*.png"))]
+    assert {Image.open(p).size for p in [*backpack, *dog_masks.glob("*.png")]} == {(256, 256)}
+    settings = MaskSettings(instance_mask_dir=str(dog_masks), mask_instance_loss=True)
+    with pytest.raises(
+        InputDataError,
+        match=r"drawn for other photos \(5 of 5, per .*dog_masks/masks\.json\): 00\.png was drawn for a photo 00\.jpg "
+        r"with sha256 3c931c544e9e\.\.\., but .*backpack/00\.jpg has sha256 .*Point --data\.masks\.instance_mask_dir at "
+        r"this subject's masks, or remove the mask options",
+    ):
+        resolve_instance_masks(backpack, settings)
+
+
+def test_bundled_dog_masks_still_fit_the_dog_photos(instance_dir: Path) -> None:
+    photos = sorted(instance_dir.glob("*.jpg"))  # a copy of examples/dog: same bytes, another folder
+    settings = MaskSettings(instance_mask_dir=str(EXAMPLES / "dog_masks"), mask_instance_loss=True)
+    resolved = resolve_instance_masks(photos, settings)
+    assert resolved == {photo: EXAMPLES / "dog_masks" / f"{photo.stem}.png" for photo in photos}
+    coverages = masks_module.validate_masks(resolved)
+    assert all(0.05 < coverage < 0.95 for coverage in coverages.values())
+
+
+def test_a_folder_without_manifest_needs_masks_of_the_photos_exact_size(tmp_path: Path) -> None:
+    photos, mask_dir = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir(), mask_dir.mkdir()
+    photo, mask = photo_with_subject(80, 60, (10, 10, 50, 40))
+    a, b = save_image(photos / "a.jpg", photo), save_image(photos / "b.jpg", photo)
+    save_image(mask_dir / "a.png", mask)
+    save_image(mask_dir / "b.png", mask)
+    settings = MaskSettings(instance_mask_dir=str(mask_dir), mask_instance_loss=True)
+    before = folder_snapshot(mask_dir)
+    assert resolve_instance_masks([a, b], settings) == {a: mask_dir / "a.png", b: mask_dir / "b.png"}
+
+    # The same picture at half scale is no longer taken on trust: it names both files and both fixes.
+    save_image(mask_dir / "b.png", np.asarray(Image.fromarray(mask).resize((40, 30), Image.NEAREST)))
+    with pytest.raises(
+        InputDataError,
+        match=r"1 mask\(s\) of .*masks do not have their photo's size .*mask .*masks/b\.png is 40x30 px but its photo "
+        r".*photos/b\.jpg is 80x60 px.*export each mask at its photo's size.*write_mask_manifest",
+    ):
+        resolve_instance_masks([a, b], settings)
+    assert not (mask_dir / MASK_MANIFEST_NAME).exists()  # a run never writes into the mask folder
+
+    # Recorded in a manifest, the scaled mask is known to be this photo's and is resized to it.
+    write_mask_manifest(mask_dir, photos)
+    assert set(json_records(mask_dir)) == {"a.png", "b.png"}
+    assert resolve_instance_masks([a, b], settings) == {a: mask_dir / "a.png", b: mask_dir / "b.png"}
+    assert np.asarray(load_subject_mask(mask_dir / "b.png", b)).shape == (60, 80)
+
+    # The recorded photo edited afterwards: its mask is refused, naming the photo and the mask.
+    save_image(photos / "b.jpg", np.ascontiguousarray(photo[:, ::-1]))
+    with pytest.raises(InputDataError, match=r"\(1 of 2, .*b\.png was drawn for a photo b\.jpg .*photos/b\.jpg has sha256"):
+        resolve_instance_masks([a, b], settings)
+    assert set(folder_snapshot(mask_dir)) == set(before) | {MASK_MANIFEST_NAME}
+
+
+def test_a_mask_missing_from_the_manifest_needs_the_exact_size(tmp_path: Path) -> None:
+    photos, mask_dir = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir(), mask_dir.mkdir()
+    photo, mask = photo_with_subject(80, 60, (10, 10, 50, 40))
+    a = save_image(photos / "a.jpg", photo)
+    save_image(mask_dir / "a.png", mask)
+    write_mask_manifest(mask_dir, photos)
+    b = save_image(photos / "b.jpg", photo)  # added after the manifest was written
+    save_image(mask_dir / "b.png", np.asarray(Image.fromarray(mask).resize((40, 30), Image.NEAREST)))
+    settings = MaskSettings(instance_mask_dir=str(mask_dir), mask_instance_loss=True)
+    with pytest.raises(InputDataError, match=r"masks/b\.png is 40x30 px but its photo .*b\.jpg is 80x60 px"):
+        resolve_instance_masks([a, b], settings)
+    save_image(mask_dir / "b.png", mask)
+    assert resolve_instance_masks([a, b], settings)[b] == mask_dir / "b.png"
+
+
+def test_an_unreadable_manifest_is_an_error_naming_it(tmp_path: Path) -> None:
+    photo, mask = photo_with_subject(32, 32, (4, 4, 20, 20))
+    (tmp_path / "masks").mkdir()
+    photo_path = save_image(tmp_path / "a.png", photo)
+    save_image(tmp_path / "masks" / "a.png", mask)
+    settings = MaskSettings(instance_mask_dir=str(tmp_path / "masks"), mask_instance_loss=True)
+    for text in ("{not json", '{"format": 2, "masks": {}}', '{"format": 1, "masks": {"a.png": {"photo": "a.png"}}}'):
+        (tmp_path / "masks" / MASK_MANIFEST_NAME).write_text(text)
+        with pytest.raises(InputDataError, match=r"Mask manifest .*masks/masks\.json cannot be read.*or delete it"):
+            resolve_instance_masks([photo_path], settings)
+
+
+def json_records(mask_dir: Path) -> dict[str, dict[str, str]]:
+    return json.loads((mask_dir / MASK_MANIFEST_NAME).read_text())["masks"]
 
 
 def test_coverage_reports(tmp_path: Path) -> None:

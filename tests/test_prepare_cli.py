@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -37,7 +38,9 @@ def test_prepare_makes_class_images_and_bank_then_finds_them_done(
     main(prepare_args(tiny_model_dir, instance, tmp_path))
     assert len([p for p in (tmp_path / "class_images").iterdir() if p.suffix == ".png"]) == 3
     [bank] = [p for p in (tmp_path / "bank-cache").iterdir() if p.is_dir()]
-    assert sorted(p.name for p in bank.glob("*.safetensors")) == sorted(f"{p.stem}.safetensors" for p in instance.iterdir())
+    # One file per photo, named by the photo's content (docs/reliability.md).
+    photos = {hashlib.sha256(p.read_bytes()).hexdigest() for p in instance.iterdir()}
+    assert {p.stem for p in bank.glob("*.safetensors")} == photos and len(photos) == 5
     assert "5 image(s) built, 0 reused" in caplog.text
     caplog.clear()
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from pdm_lightning.callbacks.run_outputs import log_image, run_dir
 from pdm_lightning.callbacks.run_parts import dreambooth_module
 from pdm_lightning.training.datamodule import DreamBoothDataModule
+from pdm_lightning.training.nonfinite import NonFiniteTrainingError, all_finite, first_nonfinite
 from pdm_lightning.generation.files import grid_name, make_grid, write_image
 from pdm_lightning.generation.jobs import plan_jobs
 from pdm_lightning.generation.sampling import generate_from_module
@@ -99,6 +100,7 @@ class SampleImages(L.Callback):
         if step == self._last_sampled_step:
             return []
         self._last_sampled_step = step
+        require_finite_weights(pl_module, step)  # every rank (same weights): none waits at the barrier for a failed one
         out_dir = run_dir(trainer) / self.dirname / f"step_{step:06d}"  # every rank: a collective
         written: list[Path] = []
         if trainer.is_global_zero:
@@ -121,3 +123,11 @@ class SampleImages(L.Callback):
             grid = make_grid([image for job, image in zip(jobs, images) if job.prompt_index == prompt_index])
             log_image(trainer, f"{self.dirname}/{grid_name(prompt_index, prompt)}", grid, trainer.global_step)
         return written
+
+
+def require_finite_weights(pl_module: L.LightningModule, step: int) -> None:
+    """Never samples from NaN or infinite weights (the non-finite guard stops a run before that)."""
+    trained = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+    if not all_finite(p for _, p in trained):  # one fused pass; the per-tensor search only to name the culprit
+        raise NonFiniteTrainingError(f"SampleImages: not sampling at step {step}: the weights are not finite, "
+                                     f"first {first_nonfinite(trained)}.")

@@ -33,6 +33,14 @@ def _umask() -> int:
     return mask
 
 
+def apply_default_modes(folder: Path) -> None:
+    """Gives ``folder`` and everything in it the umask's modes (libraries such as safetensors write 0600 files)."""
+    folder.chmod(default_dir_mode())
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(default_dir_mode() if path.is_dir() else default_file_mode())
+
+
 def fsync_directory(folder: Path) -> None:
     """Flushes a folder's entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
     try:
@@ -91,9 +99,9 @@ def staged_directory(destination: Path) -> Iterator[Path]:
     """Yields an empty staging folder beside ``destination`` that replaces it when the block succeeds."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    staging.chmod(default_dir_mode())  # mkdtemp makes 0700 folders
     try:
         yield staging
+        apply_default_modes(staging)  # mkdtemp makes 0700 folders, safetensors 0600 files
         replace_directory(staging, destination)
     finally:
         if staging.exists():

@@ -5,23 +5,30 @@ elements, L_pdm over the subject's tokens (docs/method.md). Masks come from a us
 stem as the photo) or from a segmentation model (``pdm_lightning.data.segmentation``), which
 writes them to a cache folder; either way they are read from files here, so the dataset treats
 both alike. The user's folders are only read.
+
+A file stem says nothing about which photo a mask was drawn for (DreamBench subjects all name their
+photos 00.jpg, 01.jpg, ...), so a user mask must prove it belongs to its photo: either its folder's
+``masks.json`` records the SHA-256 of the photo it was drawn for, or it has exactly the photo's size.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pdm_lightning.core.images import IMAGE_SUFFIXES, load_rgb_image, to_rgb
+from pdm_lightning.core.atomic import write_bytes_atomically
+from pdm_lightning.core.images import IMAGE_SUFFIXES, list_image_files, load_rgb_image, to_rgb
 from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.losses.masks import MaskMode
 
@@ -29,9 +36,12 @@ from pdm_lightning.losses.masks import MaskMode
 # (a mask of the wrong photo, an inverted mask, a failed segmentation): reported with a warning.
 MIN_COVERAGE = 0.01
 # Two sizes with aspect ratios this close count as the same picture at another scale (rounding of
-# an exported mask): the mask is resized to its image. Anything further apart is refused.
+# an exported mask): the mask is resized to its image, but only when the folder's manifest says the
+# mask was drawn for this very photo. Anything further apart is refused.
 ASPECT_TOLERANCE = 0.01
-
+# The optional manifest of a mask folder: mask file name -> the photo (name, SHA-256) it was drawn for.
+MASK_MANIFEST_NAME = "masks.json"
+MASK_MANIFEST_FORMAT = 1
 
 
 @dataclass
@@ -40,7 +50,9 @@ class MaskSettings:
 
     Args:
         instance_mask_dir: folder of masks for the instance photos, one per photo with the same file
-            stem (any image format), white = subject, black = background. Read only.
+            stem (any image format), white = subject, black = background. Read only. Each mask must have
+            exactly its photo's size, unless the folder's ``masks.json`` (``write_mask_manifest``) records
+            the photo it was drawn for; a recorded mask matched to another photo is an error.
         auto_mask_model: a CLIPSeg model (hub id or local folder, e.g. "CIDAS/clipseg-rd64-refined") that
             computes the masks missing from ``instance_mask_dir`` (all of them when no folder is given).
         auto_mask_revision: revision of ``auto_mask_model``.
@@ -178,7 +190,11 @@ def decode_mask(path: str | os.PathLike) -> Image.Image:
 
 
 def fit_mask_to_image(mask: Image.Image, image_size: tuple[int, int], mask_path: Path, image_path: Path) -> Image.Image:
-    """``mask`` at ``image_size``: unchanged, resized when only the scale differs, refused otherwise."""
+    """``mask`` at ``image_size``: unchanged, resized when only the scale differs, refused otherwise.
+
+    Only masks that ``validate_masks`` accepted reach training, and a scaled one only when its folder's
+    manifest records this photo.
+    """
     if mask.size == image_size:
         return mask
     (mask_w, mask_h), (image_w, image_h) = mask.size, image_size
@@ -236,11 +252,127 @@ def find_user_masks(image_paths: Sequence[Path], mask_dir: str | os.PathLike) ->
 
 
 def validate_masks(pairs: dict[Path, Path]) -> dict[Path, float]:
-    """Decodes every (photo -> mask) pair once and checks size and coverage; returns each mask's coverage."""
-    return {
-        image_path: check_mask_coverage(load_subject_mask(mask_path, image_path), mask_path, image_path)
-        for image_path, mask_path in pairs.items()
-    }
+    """Checks every (photo -> mask) pair once; returns each mask's coverage.
+
+    Each mask must belong to its photo (recorded in its folder's manifest, else exactly the photo's
+    size), have the photo's shape, and select some subject.
+    """
+    origins = recorded_origins(pairs)
+    check_recorded_photos(pairs, origins)
+    masks, unmatched = {}, []
+    for image_path, mask_path in pairs.items():
+        image_size = load_rgb_image(image_path).size
+        mask = decode_mask(mask_path)
+        if origins[mask_path] is None and mask.size != image_size:
+            unmatched.append((image_path, mask_path, mask.size, image_size))
+            continue
+        masks[image_path] = fit_mask_to_image(mask, image_size, mask_path, image_path)
+    if unmatched:
+        raise unmatched_size_error(unmatched)
+    return {image_path: check_mask_coverage(mask, pairs[image_path], image_path) for image_path, mask in masks.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Which photo a mask was drawn for
+
+
+@dataclass(frozen=True)
+class MaskOrigin:
+    """The photo a mask was drawn for, as its folder's manifest records it: file name and SHA-256 of its bytes."""
+
+    photo: str
+    sha256: str
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_mask_manifest(mask_dir: Path) -> dict[str, MaskOrigin] | None:
+    """The records of ``mask_dir/masks.json`` by mask file name; None when the folder has no manifest."""
+    path = mask_dir / MASK_MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != MASK_MANIFEST_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {MASK_MANIFEST_FORMAT}")
+        return {str(name): MaskOrigin(str(r["photo"]), str(r["sha256"]).lower()) for name, r in data["masks"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # bad JSON, bad text, wrong layout
+        raise InputDataError(
+            f"Mask manifest {path} cannot be read ({type(error).__name__}: {error}): rewrite it with "
+            "pdm_lightning.data.masks.write_mask_manifest (docs/masks.md), or delete it (each mask must then have "
+            "exactly its photo's size)."
+        ) from error
+
+
+def write_mask_manifest(mask_dir: str | os.PathLike, photo_dir: str | os.PathLike) -> Path:
+    """Records in ``mask_dir/masks.json`` which photo of ``photo_dir`` each mask was drawn for (matched by stem).
+
+    Run once, by whoever draws the masks: runs then refuse these masks for any other photo, even one
+    with the same name and size. Records of masks without a photo in ``photo_dir`` are kept.
+    """
+    mask_dir = check_mask_dir(mask_dir)
+    records = dict(read_mask_manifest(mask_dir) or {})
+    photos = list_image_files(photo_dir, role="photo folder")
+    for photo, mask in find_user_masks(photos, mask_dir).items():
+        records[mask.name] = MaskOrigin(photo.name, file_sha256(photo))
+    if not records:
+        raise InputDataError(f"No mask of {mask_dir} has the file stem of a photo of {photo_dir}: nothing to record.")
+    data = {"format": MASK_MANIFEST_FORMAT, "masks": {name: asdict(origin) for name, origin in sorted(records.items())}}
+    path = mask_dir / MASK_MANIFEST_NAME
+    write_bytes_atomically(path, (json.dumps(data, indent=1) + "\n").encode())
+    return path
+
+
+def recorded_origins(pairs: dict[Path, Path]) -> dict[Path, MaskOrigin | None]:
+    """Each mask's recorded photo (None when its folder has no manifest or the manifest does not list it)."""
+    manifests = {folder: read_mask_manifest(folder) for folder in {mask_path.parent for mask_path in pairs.values()}}
+    return {mask_path: (manifests[mask_path.parent] or {}).get(mask_path.name) for mask_path in pairs.values()}
+
+
+def check_recorded_photos(pairs: dict[Path, Path], origins: dict[Path, MaskOrigin | None]) -> None:
+    """Fails, naming every such pair, when a mask's manifest records another photo than the one it is matched to."""
+    foreign, mask_dir = [], None
+    for image_path, mask_path in pairs.items():
+        origin = origins[mask_path]
+        if origin is not None:
+            actual = file_sha256(image_path)
+            if actual != origin.sha256:
+                mask_dir = mask_dir or mask_path.parent
+                foreign.append(
+                    f"{mask_path.name} was drawn for a photo {origin.photo} with sha256 {origin.sha256[:12]}..., "
+                    f"but {image_path} has sha256 {actual[:12]}..."
+                )
+    if foreign:
+        raise InputDataError(
+            f"These masks were drawn for other photos ({len(foreign)} of {len(pairs)}, per "
+            f"{mask_dir / MASK_MANIFEST_NAME}): " + "; ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            + ". Point --data.masks.instance_mask_dir at this subject's masks, or remove the mask options. (If these "
+            "are the right masks and only the photos were re-saved, rewrite the manifest with write_mask_manifest: "
+            "docs/masks.md.)"
+        )
+
+
+def unmatched_size_error(unmatched: Sequence[tuple[Path, Path, tuple[int, int], tuple[int, int]]]) -> InputDataError:
+    """The error for masks without a manifest record whose size differs from their photo's."""
+    details = "; ".join(
+        f"mask {mask_path} is {mw}x{mh} px but its photo {image_path} is {iw}x{ih} px"
+        for image_path, mask_path, (mw, mh), (iw, ih) in unmatched[:5]
+    ) + (" ..." if len(unmatched) > 5 else "")
+    mask_dir = unmatched[0][1].parent
+    return InputDataError(
+        f"{len(unmatched)} mask(s) of {mask_dir} do not have their photo's size (after EXIF rotation): {details}. "
+        f"Masks are matched to photos by file name, and without a {MASK_MANIFEST_NAME} recording the photo each was "
+        "drawn for, only a mask of exactly its photo's size is taken as that photo's. Check that "
+        "--data.masks.instance_mask_dir holds this subject's masks; then export each mask at its photo's size, or "
+        f"record the photos in {mask_dir / MASK_MANIFEST_NAME} with write_mask_manifest (docs/masks.md)."
+    )
 
 
 def missing_masks_error(missing: Sequence[Path], mask_dir: str | os.PathLike) -> InputDataError:

@@ -2,13 +2,14 @@
 
 The most common complaint about exported weights is a LoRA another tool silently ignores: a key
 nobody reads, or a layer left at its base weight. Each check here compares key sets exactly and
-tensors bit for bit, and raises ExportVerificationError naming what is missing, unexpected or
-different.
+tensors value for value (a NaN equals a NaN in the same place, and is reported as NaN), and
+raises ExportVerificationError naming what is missing, unexpected or different. Non-finite weights
+are refused before anything is written (``require_finite``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +18,44 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from pdm_lightning.export.lora_layers import LoraWeights, lora_layers
+from pdm_lightning.training.nonfinite import first_nonfinite
 
 SHOWN_PER_LIST = 8  # keys listed per category in an error message; the count is always complete
 
 
 class ExportVerificationError(RuntimeError):
     """An exported file or folder does not load back as exactly what was written."""
+
+
+class NonFiniteExportError(ValueError):
+    """The weights to export hold NaN or infinite values; nothing was written."""
+
+
+def require_finite(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Refuses (NonFiniteExportError naming the first bad tensor) to export NaN or infinite weights."""
+    bad = first_nonfinite(named)
+    if bad is not None:
+        raise NonFiniteExportError(
+            f"Refusing to export {what}: {bad}. Nothing was written. The run's weights diverged (lower the "
+            "learning rate and resume from the last checkpoint), or a float16 export overflowed "
+            "(--export.dtype bfloat16 or float32)."
+        )
+
+
+def same_values(want: torch.Tensor, got: torch.Tensor) -> bool:
+    """Equal values, where a NaN equals a NaN in the same place (``torch.equal`` says NaN != NaN)."""
+    if torch.equal(want, got):
+        return True
+    if not want.is_floating_point():
+        return False
+    nan = torch.isnan(want)
+    return bool(nan.any()) and torch.equal(nan, torch.isnan(got)) and torch.equal(want.masked_fill(nan, 0), got.masked_fill(nan, 0))
+
+
+def _nan_note(want: torch.Tensor, got: torch.Tensor) -> str:
+    """`` (NaN: 3 written, 0 loaded)`` when either side holds NaN, so a NaN is reported as a NaN."""
+    counts = [int(torch.isnan(t).sum()) if t.is_floating_point() else 0 for t in (want, got)]
+    return f" (NaN: {counts[0]} written, {counts[1]} loaded)" if any(counts) else ""
 
 
 @dataclass
@@ -58,8 +91,8 @@ def state_dict_differences(
             differences.missing.append(f"{key} (not loaded)")
         elif want.shape != got.shape or (compare_dtype and want.dtype != got.dtype):
             differences.mismatched.append(f"{key} ({tuple(want.shape)} {want.dtype} vs {tuple(got.shape)} {got.dtype})")
-        elif not torch.equal(want.cpu().to(got.dtype), got.cpu()):
-            differences.mismatched.append(key)
+        elif not same_values(want.cpu().to(got.dtype), got.cpu()):
+            differences.mismatched.append(key + _nan_note(want, got))
     return differences
 
 
@@ -120,12 +153,13 @@ def lora_differences(expected: Mapping[str, LoraWeights], loaded: Mapping[str, L
         same = (
             want.down.shape == got.down.shape
             and want.up.shape == got.up.shape
-            and torch.equal(want.down.to(dtype).to(got.down.dtype).cpu(), got.down.cpu())
-            and torch.equal(want.up.to(dtype).to(got.up.dtype).cpu(), got.up.cpu())
+            and same_values(want.down.to(dtype).to(got.down.dtype).cpu(), got.down.cpu())
+            and same_values(want.up.to(dtype).to(got.up.dtype).cpu(), got.up.cpu())
             and want.scaling == got.scaling
         )
         if not same:
-            differences.mismatched.append(path)
+            differences.mismatched.append(path + _nan_note(torch.cat([want.down.flatten(), want.up.flatten()]),
+                                                           torch.cat([got.down.flatten(), got.up.flatten()])))
     return differences
 
 

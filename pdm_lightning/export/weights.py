@@ -1,8 +1,10 @@
-"""Everything one export writes for a trained module, each file checked by loading it back."""
+"""Everything one export writes for a trained module, as one set, each file checked by loading it back."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Literal
 
@@ -11,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from pdm_lightning.export.lora_diffusers import LORA_WEIGHT_NAME, write_lora_folder
 from pdm_lightning.export.lora_kohya import write_kohya_file
-from pdm_lightning.export.lora_layers import has_lora, lora_layers
+from pdm_lightning.export.export_set import check_export_set, staged_set, write_manifest
+from pdm_lightning.export.lora_layers import LoraWeights, has_lora, lora_layers
 from pdm_lightning.export.pipeline import (
     fine_tuned_pipeline,
     merged_lora_pipeline,
@@ -21,7 +24,13 @@ from pdm_lightning.export.pipeline import (
     write_single_file,
 )
 from pdm_lightning.export.single_file import check_single_file_support
-from pdm_lightning.export.verify import check_file, verify_lora_loads, verify_pipeline_folder, verify_single_file
+from pdm_lightning.export.verify import (
+    check_file,
+    require_finite,
+    verify_lora_loads,
+    verify_pipeline_folder,
+    verify_single_file,
+)
 from pdm_lightning.core.dtypes import DTYPES
 from pdm_lightning.core.loading import load_pipeline
 
@@ -61,32 +70,59 @@ def check_export_possible(module, options: ExportOptions) -> None:  # noqa: ANN0
         check_single_file_support(module.unet.config, module.vae.config, module.text_encoder.config)
 
 
-def export_weights(module, destination: Path, options: ExportOptions) -> list[Path]:  # noqa: ANN001 - DreamBoothModule
-    """Writes the exports of ``module`` under ``destination``; returns the paths written.
+def export_weights(
+    module, destination: Path, options: ExportOptions, step: int | None = None, settings_hash: str = ""  # noqa: ANN001 - DreamBoothModule
+) -> list[Path]:
+    """Writes the export set of ``module`` at ``destination``; returns the paths written (under ``destination``).
 
     LoRA runs: the diffusers LoRA folder and the kohya file (and, when ``options.pipeline``, the
     base model with the LoRA fused in). Full fine-tunes: the pipeline folder. A pipeline comes
-    with its single original-layout file when ``options.single_file``. With ``options.verify``
-    every output is loaded back and compared with what was meant to be written.
+    with its single original-layout file when ``options.single_file``. Everything is written into
+    one staging folder with ``manifest.json`` (``step``, ``settings_hash``, each file's size and
+    sha256) and replaces ``destination`` whole, with one rename, once complete: a previous set there is
+    kept until then. Non-finite weights are refused before anything is written. With ``options.verify``
+    every output is loaded back and compared with what was meant to be written, and the set with its
+    manifest, before the switch.
     """
     dtype = DTYPES[options.dtype]
+    with staged_set(destination) as staging:
+        written = _write_set(module, staging, options, dtype)
+        write_manifest(staging, step, settings_hash)
+        if options.verify:
+            check_export_set(staging)
+    paths = [destination / path.relative_to(staging) for path in written]
+    rank_zero_info(
+        f"Exported {', '.join(str(path) for path in paths)}" + (" (each loaded back and checked)" if options.verify else "")
+    )
+    return paths
+
+
+def _write_set(module, folder: Path, options: ExportOptions, dtype: torch.dtype) -> list[Path]:  # noqa: ANN001
     written: list[Path] = []
     if is_lora_module(module):
-        pipeline = _export_lora(module, destination, options, dtype, written)
+        pipeline = _export_lora(module, folder, options, dtype, written)
     else:
         pipeline = fine_tuned_pipeline(module, dtype) if options.wants_pipeline(is_lora=False) else None
     if pipeline is not None:
-        _export_pipeline(pipeline, destination, options, written)
-    rank_zero_info(
-        f"Exported {', '.join(str(path) for path in written)}" + (" (each loaded back and checked)" if options.verify else "")
-    )
+        _export_pipeline(pipeline, folder, options, written)
     return written
+
+
+def _lora_tensors(layers: dict[str, LoraWeights], prefix: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The adapter weights as they will be stored (in ``dtype``, where float16 can overflow to inf)."""
+    for path, layer in layers.items():
+        yield f"{prefix}{path}.lora_down", layer.down.to(dtype)
+        yield f"{prefix}{path}.lora_up", layer.up.to(dtype)
 
 
 def _export_lora(module, destination: Path, options: ExportOptions, dtype: torch.dtype, written: list[Path]):  # noqa: ANN001, ANN202
     """The LoRA files; returns the merged pipeline when one is asked for, else None."""
     unet_layers = lora_layers(module.unet)
     text_encoder_layers = lora_layers(module.text_encoder) if has_lora(module.text_encoder) else {}
+    require_finite(
+        chain(_lora_tensors(unet_layers, "unet.", dtype), _lora_tensors(text_encoder_layers, "text_encoder.", dtype)),
+        "the LoRA adapters",
+    )
     merge = options.wants_pipeline(is_lora=True)
     base = None  # the base model without adapters, float32: what the LoRA files are loaded into
     if options.verify or merge:
@@ -113,9 +149,12 @@ def _export_lora(module, destination: Path, options: ExportOptions, dtype: torch
 
 def _export_pipeline(pipeline, destination: Path, options: ExportOptions, written: list[Path]) -> None:  # noqa: ANN001
     """The pipeline folder, then the single file, whose load-back uses that folder as its config."""
+    expected = pipeline_state_dicts(pipeline)
+    require_finite(
+        ((f"{part}.{key}", value) for part, state in expected.items() for key, value in state.items()), "the pipeline"
+    )
     folder = destination / options.pipeline_dirname
     write_pipeline_folder(pipeline, folder)
-    expected = pipeline_state_dicts(pipeline)
     if options.verify:
         verify_pipeline_folder(folder, expected)
     written.append(folder)

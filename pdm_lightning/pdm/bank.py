@@ -1,15 +1,22 @@
-"""The teacher query bank on disk: one ``<image stem>.safetensors`` per instance image.
+"""The teacher query bank on disk: one safetensors file per instance image.
+
+Files are named after the photo's file stem (``<stem>.safetensors``) in a folder the user names
+(``python -m pdm_lightning.features --out``, ``--model.pdm.features_dir``), and after the sha256 of
+the photo's bytes (``<sha256>.safetensors``) in the cache: there, two subjects whose photos share
+file names (DreamBench's 00.jpg, 01.jpg, ...) keep their own files side by side.
 
 Each file holds ``timesteps`` [n_t] (ascending; 0..999 in faithful mode, so row = timestep), and
 ``queries`` [n_t, tokens, dim] (mode ``bank``) and/or ``latents`` [n_t, 4, h, w] (mode ``latents``:
-the latents fed to the UNet at each recorded reconstruction call, for on-the-fly targets), with
-every setting that determines it in the header's metadata. Readers memory-map the files and read
-only the rows a training step needs.
+the latents fed to the UNet at each recorded reconstruction call, for on-the-fly targets), each with
+its crc32 checksums (``<name>_crc32``, one per row; pdm.integrity), and every setting that determines
+it in the header's metadata. Readers memory-map the files, read only the rows a training step needs,
+and check each row against its checksum.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -26,16 +33,35 @@ from pdm_lightning.core.dtypes import DTYPES
 from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture
 from pdm_lightning.pdm.fingerprint import file_sha256, model_fingerprint
+from pdm_lightning.pdm.integrity import (
+    BankDamagedError,
+    ChecksummedSafetensors,
+    check_row,
+    checksum,
+    checksum_name,
+    damage_message,
+    find_damage,
+    find_damaged,
+    is_checksum,
+)
 from pdm_lightning.pdm.inversion import invert_and_reconstruct, trajectory_timesteps
-from pdm_lightning.pdm.storage import PreallocatedSafetensors, read_metadata, remove_dead_partials
+from pdm_lightning.pdm.storage import read_metadata, remove_dead_partials
+
+_log = logging.getLogger(__name__)
 
 # Bumped whenever the procedure or the file layout changes, so old caches become misses.
-BANK_FORMAT = "pdm-bank-1"
+# 2: crc32 checksums of every row (pdm.integrity).
+BANK_FORMAT = "pdm-bank-2"
 # The bank is stored in float16 or float32 (bfloat16 would lose the queries' precision for nothing).
 STORAGE_DTYPES = {name: DTYPES[name] for name in ("float16", "float32")}
 MODES = ("bank", "latents", "both")
 # Per-image keys of the metadata (the rest comes from BankSettings and the model fingerprint).
 IMAGE_KEYS = ("image_name", "image_sha256")
+# The photo's name is informative only: the same bytes under another name make the same file.
+INFORMATIVE_KEYS = ("image_name",)
+# How the files of a folder are named: after the photo's file stem (folders the user names) or its
+# content (the cache, shared by every subject).
+Naming = Literal["stem", "content"]
 # In the cache root: model-file hashes remembered by (path, size, mtime), so big weights are hashed once.
 MODEL_HASHES_FILE = "file-hashes.json"
 
@@ -111,7 +137,12 @@ class BankSettings:
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def bank_file(folder: Path, image: Path) -> Path:
+def bank_file(folder: Path, image: Path, naming: Naming = "stem") -> Path:
+    """The bank file of ``image`` in ``folder``: ``<stem>.safetensors``, or ``<sha256 of its bytes>.safetensors``."""
+    if naming == "content":
+        return folder / f"{file_sha256(image)}.safetensors"
+    if naming != "stem":
+        raise ValueError(f"naming must be 'stem' or 'content', got {naming!r}.")
     return folder / f"{image.stem}.safetensors"
 
 
@@ -131,14 +162,12 @@ def image_metadata(image: Path) -> dict[str, str]:
 
 
 def metadata_differences(found: dict[str, str], expected: dict[str, str]) -> list[str]:
-    """Human-readable ``key: found != expected`` for every expected key a file disagrees on."""
+    """Human-readable ``key: found != expected`` for every expected key a file disagrees on (names are not compared)."""
     return [
-        f"{key}: {found.get(key, '(missing)')!r} != {value!r}" for key, value in expected.items() if found.get(key) != value
+        f"{key}: {found.get(key, '(missing)')!r} != {value!r}"
+        for key, value in expected.items()
+        if key not in INFORMATIVE_KEYS and found.get(key) != value
     ]
-
-
-def _file_matches(path: Path, expected: dict[str, str]) -> bool:
-    return not metadata_differences(_safe_metadata(path), expected)  # unreadable: no metadata, not a match
 
 
 @dataclass
@@ -158,6 +187,7 @@ def build_bank(
     folder: str | os.PathLike,
     *,
     on_mismatch: Literal["error", "replace"] = "error",
+    naming: Naming = "stem",
     batch_size: int = 1,
     device: str | torch.device | None = None,
     rank: int = 0,
@@ -168,17 +198,20 @@ def build_bank(
 ) -> BuildReport:
     """Writes the bank file of every image of this shard into ``folder``, skipping finished ones.
 
-    Idempotent and resumable per image: a file whose metadata matches is reused and never
-    rewritten; an interrupted image is recomputed from scratch. A file with other settings is an
-    error (``on_mismatch="error"``, for folders the user named) or recomputed and replaced
-    (``"replace"``, for the cache). Rank ``r`` of ``world_size`` handles images r, r + W, ...;
-    the caller waits for all ranks (a barrier) before opening the bank. The models are loaded
-    only when there is work (``components``: an already loaded StableDiffusionComponents).
+    Idempotent and resumable per image: a file whose metadata matches and whose every row passes
+    its checksum is reused and never rewritten; an interrupted image is recomputed from scratch. A
+    file with other settings, or damaged, is an error (``on_mismatch="error"``, for folders the user
+    named: they are never rewritten) or is deleted and rebuilt with one logged line saying why
+    (``"replace"``, for the cache). ``naming`` is how files are named (``bank_file``). Rank ``r`` of
+    ``world_size`` handles images r, r + W, ...; the caller waits for all ranks (a barrier) before
+    opening the bank. The models are loaded only when there is work (``components``: an already
+    loaded StableDiffusionComponents).
     """
     images = [Path(p) for p in images]
     if not images:
         raise InputDataError("The PDM bank needs at least one instance image; the instance folder is empty.")
-    check_distinct_stems(images)
+    if naming == "stem":
+        check_distinct_stems(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     folder = Path(folder)
@@ -188,21 +221,10 @@ def build_bank(
         model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant, memo_file)
     )
     mine = images[rank::world_size]
-    todo: list[tuple[Path, dict[str, str]]] = []
-    for image in mine:
-        expected = {**base, **image_metadata(image)}
-        target = bank_file(folder, image)
-        if target.exists() and not _file_matches(target, expected):
-            if on_mismatch == "error":
-                differences = metadata_differences(_safe_metadata(target), expected)
-                raise InputDataError(
-                    f"{target} was built with other settings or from another image ({'; '.join(differences)}). "
-                    "Choose another output folder, or delete that file to rebuild it."
-                )
-        elif target.exists():
-            continue
-        todo.append((image, expected))
-    files = [bank_file(folder, image) for image in mine]
+    files = [bank_file(folder, image, naming) for image in mine]
+    # The same photo twice (content naming) is one file, built once.
+    jobs = list({target: (image, target, {**base, **image_metadata(image)}) for image, target in zip(mine, files)}.values())
+    todo = _jobs_to_build(jobs, on_mismatch)
     if not todo:
         return BuildReport(folder, files, computed=0, reused=len(mine), unet_calls=0)
 
@@ -216,14 +238,60 @@ def build_bank(
         ) as bar:
             for batch in batches:
                 # Another process may have finished some of these meanwhile.
-                batch = [(img, exp) for img, exp in batch if not _file_matches(bank_file(folder, img), exp)]
+                batch = [job for job in batch if not _file_matches(job[1], job[2])]
                 if batch:
-                    extractor.extract(batch, folder, on_call=bar.update)
+                    extractor.extract(batch, on_call=bar.update)
                 else:
                     bar.update(extractor.calls_per_batch)
     finally:
         extractor.release()
     return BuildReport(folder, files, computed=len(todo), reused=len(mine) - len(todo), unet_calls=extractor.unet_calls)
+
+
+# (photo, its bank file, the metadata the file must hold)
+BankJob = tuple[Path, Path, dict[str, str]]
+
+
+def _jobs_to_build(jobs: list[BankJob], on_mismatch: Literal["error", "replace"]) -> list[BankJob]:
+    """The jobs whose file is missing, or (cache only) was built otherwise or is damaged and was deleted."""
+    problems = {target: _metadata_problem(target, expected) for _, target, expected in jobs if target.exists()}
+    # Every row of every file that looks right is read back and checked (in parallel): damaged data
+    # with an intact header would otherwise be trained on.
+    looks_right = [target for target, problem in problems.items() if problem is None]
+    problems.update({path: f"is damaged ({problem})" for path, problem in find_damaged(looks_right).items()})
+    todo = []
+    for job in jobs:
+        target = job[1]
+        if target in problems and problems[target] is None:
+            continue
+        if target in problems:
+            _refuse_or_remove(target, problems[target], on_mismatch)
+        todo.append(job)
+    return todo
+
+
+def _metadata_problem(path: Path, expected: dict[str, str]) -> str | None:
+    found = _safe_metadata(path)
+    if not found:  # safetensors refuses it: say what is wrong (e.g. cut short by a full disk)
+        return f"is damaged ({find_damage(path) or 'no readable safetensors header'})"
+    differences = metadata_differences(found, expected)
+    if differences:
+        return f"was built with other settings or from another image ({'; '.join(differences)})"
+    return None
+
+
+def _refuse_or_remove(target: Path, problem: str, on_mismatch: Literal["error", "replace"]) -> None:
+    """A user's folder is never rewritten: its bad file is an error. A cache file is deleted, saying why, in one line."""
+    if on_mismatch == "error":
+        raise InputDataError(f"{target} {problem}. Choose another output folder, or delete that file to rebuild it.")
+    _log.warning("PDM bank: %s %s: rebuilding", target.name, problem)
+    # Deleted now, so the finished rebuild is not mistaken for another process's (see extract).
+    target.unlink(missing_ok=True)
+
+
+def _file_matches(path: Path, expected: dict[str, str]) -> bool:
+    """Whether ``path`` exists with the expected metadata (its data is checked by ``find_damaged``)."""
+    return path.exists() and _metadata_problem(path, expected) is None
 
 
 def _safe_metadata(path: Path) -> dict[str, str]:
@@ -274,13 +342,13 @@ class BankExtractor:
         self.capture = QueryCapture(self.unet, settings.layer)
 
     @torch.inference_mode()
-    def extract(self, batch: list[tuple[Path, dict[str, str]]], folder: Path, on_call=None) -> None:  # noqa: ANN001
+    def extract(self, batch: list[BankJob], on_call=None) -> None:  # noqa: ANN001
         """Inverts and reconstructs one batch of images (one UNet call per step for all), writing rows as they come."""
-        pixels = torch.stack([load_training_image(image, self.settings.resolution, None) for image, _ in batch])
+        pixels = torch.stack([load_training_image(image, self.settings.resolution, None) for image, _, _ in batch])
         latent_dist = self.vae.encode(pixels.to(self.device, self.compute_dtype)).latent_dist
         clean = latent_dist.mode().float() * self.vae.config.scaling_factor
         condition = self.condition.expand(len(batch), -1, -1)
-        writers: list[PreallocatedSafetensors] = []
+        writers: list[ChecksummedSafetensors] = []
         store_dtype = STORAGE_DTYPES[self.settings.dtype]
         n_rows = len(self.trajectory)
 
@@ -296,30 +364,47 @@ class BankExtractor:
                     tensors["queries"] = (store_dtype, (n_rows, *query.shape[1:]))
                 if self.settings.stores_latents:
                     tensors["latents"] = (torch.float32, (n_rows, *latents.shape[1:]))
-                for image, expected in batch:
-                    writers.append(PreallocatedSafetensors(bank_file(folder, image), tensors, expected))
-            queries = query.to("cpu", store_dtype) if self.settings.stores_queries else None
-            stored_latents = latents.to("cpu", torch.float32) if self.settings.stores_latents else None
-            for index, writer in enumerate(writers):
-                if queries is not None:
-                    writer.write("queries", queries[index], row=row)
-                if stored_latents is not None:
-                    writer.write("latents", stored_latents[index], row=row)
+                for _, target, metadata in batch:
+                    writers.append(ChecksummedSafetensors(target, tensors, metadata))
+            stored = {}
+            if self.settings.stores_queries:
+                stored["queries"] = query.to("cpu", store_dtype)
+            if self.settings.stores_latents:
+                stored["latents"] = latents.to("cpu", torch.float32)
+            for name, values in stored.items():
+                self._check_finite(name, values, batch, int(self.trajectory[row]))
+                for index, writer in enumerate(writers):
+                    writer.write(name, values[index], row=row)
 
         try:
             invert_and_reconstruct(
                 predict, clean, self.alphas_cumprod, self.trajectory, record, self.prediction_type, on_call=on_call
             )
-            for writer, (image, expected) in zip(writers, batch):
+            for writer, (_, _, metadata) in zip(writers, batch):
                 writer.write("timesteps", self.trajectory)
                 # A finished file is never rewritten: if another process completed it meanwhile, keep that one.
-                if _file_matches(writer.path, expected):
+                if _file_matches(writer.path, metadata):
                     writer.discard()
                 else:
                     writer.commit()
         finally:
             for writer in writers:
                 writer.discard()  # no-op after commit (the partial is gone)
+
+    def _check_finite(self, name: str, values: torch.Tensor, batch: list[BankJob], timestep: int) -> None:
+        """A NaN or inf in the bank would make every PDM loss that reads it NaN: stop before writing it."""
+        finite = torch.isfinite(values.flatten(1)).all(dim=1)
+        if bool(finite.all()):
+            return
+        image = batch[int((~finite).nonzero()[0])][0]
+        if self.settings.compute_dtype == self.settings.dtype == "float32":
+            fix = "the base model produces them in float32: check its weights"
+        else:
+            fix = "build the bank with float32 for both (--compute_dtype and --dtype; --model.pdm.compute_dtype and .dtype)"
+        raise ValueError(
+            f"The teacher's {name} of {image} at timestep {timestep} is not finite (NaN or inf) with compute_dtype "
+            f"{self.settings.compute_dtype} and dtype {self.settings.dtype}: {fix}."
+        )
 
     def release(self) -> None:
         """Frees the models' device memory before training starts."""
@@ -347,7 +432,10 @@ def default_cache_root() -> Path:
 def ensure_cached_bank(
     settings: BankSettings, images: Sequence[Path], cache_root: str | os.PathLike | None = None, **build_options: object
 ) -> BuildReport:
-    """Builds (or reuses) the bank in the cache; stale files (other image bytes) are recomputed.
+    """Builds (or reuses) the bank in the cache, one ``<sha256 of the photo>.safetensors`` per photo.
+
+    Files are named by content, so subjects whose photos share file names never collide; a file
+    with other settings, or damaged (a row failing its checksum), is rebuilt with one logged line.
 
     Local model folders are fingerprinted by their bytes once, then remembered by (path, size,
     mtime) in ``<cache_root>/file-hashes.json``. ``build_options`` go to ``build_bank``.
@@ -355,7 +443,8 @@ def ensure_cached_bank(
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     memo = root / MODEL_HASHES_FILE
     return build_bank(
-        settings, images, cache_folder(settings, root, memo), on_mismatch="replace", memo_file=memo, **build_options
+        settings, images, cache_folder(settings, root, memo), on_mismatch="replace", naming="content", memo_file=memo,
+        **build_options,
     )
 
 
@@ -368,8 +457,10 @@ def cached_bank_folder(settings: BankSettings, cache_root: str | os.PathLike | N
 class QueryBank:
     """Memory-mapped read access to the bank files of the instance images, in the dataset's image order.
 
-    Only the requested rows (one image, one timestep each) are read from disk; nothing is kept
-    on the device. Picklable (file handles are reopened lazily in each process).
+    Only the requested rows (one image, one timestep each) are read from disk, and each is checked
+    against its crc32 (pdm.integrity: about 1.5 ms for a 2.6 MB SD1.5 row): a damaged row is a
+    BankDamagedError naming the file and row, never a wrong target. Nothing is kept on the device.
+    Picklable (file handles are reopened lazily in each process).
     """
 
     def __init__(self, files: Sequence[Path]) -> None:
@@ -386,6 +477,8 @@ class QueryBank:
         self.latent_shape = tuple(first.get_slice("latents").get_shape()[1:]) if self.has_latents else None
         for index in range(1, len(self.files)):
             self._check_consistent(index)
+        # Per file, per tensor: the checksum of every row (a few KB per file).
+        self._checksums = [self._load_checksums(index) for index in range(len(self.files))]
         # Faithful banks store every timestep 0..T-1: the row is the timestep itself.
         self._row_is_timestep = bool(torch.equal(self.timesteps, torch.arange(len(self.timesteps))))
 
@@ -402,6 +495,28 @@ class QueryBank:
                 f"({'; '.join(metadata_differences(settings, first)) or 'timesteps or contents differ'}): "
                 "rebuild the bank folder with one command."
             )
+
+    def _load_checksums(self, index: int) -> dict[str, torch.Tensor]:
+        """The row checksums of file ``index``; its timesteps are checked here (they are read whole, once)."""
+        handle, path = self._handle(index), self.files[index]
+        keys = set(handle.keys())  # safetensors' handle: a method, not a dict
+        names = [name for name in keys if not is_checksum(name)]
+        missing = sorted(name for name in names if checksum_name(name) not in keys)
+        if missing:
+            raise InputDataError(
+                f"{path} has no checksums for {', '.join(missing)}: it was written before bank files carried "
+                "checksums. Delete it and run again (the cache rebuilds it; `python -m pdm_lightning.features` "
+                "rebuilds a features_dir)."
+            )
+        sums = {name: handle.get_tensor(checksum_name(name)) for name in names}
+        if checksum(handle.get_tensor("timesteps")) != int(sums["timesteps"][0]):
+            raise BankDamagedError(damage_message(path, "its timesteps fail their checksum"))
+        return sums
+
+    def _read_row(self, name: str, index: int, row: int) -> torch.Tensor:
+        data = self._handle(index).get_slice(name)[row]
+        check_row(self.files[index], name, row, data, int(self._checksums[index][name][row]), int(self.timesteps[row]))
+        return data
 
     def _handle(self, index: int):  # noqa: ANN202 - safetensors' safe_open handle
         if index not in self._handles:
@@ -444,9 +559,7 @@ class QueryBank:
             raise ValueError(f"{len(image_indices)} image indices but {len(rows)} timesteps.")
         if not getattr(self, f"has_{name}"):
             raise ValueError(f"This bank holds no {name} (mode {self.settings.get('mode')}); rebuild it with mode 'both'.")
-        return torch.stack(
-            [self._handle(int(i) % len(self.files)).get_slice(name)[int(r)] for i, r in zip(image_indices, rows)]
-        )
+        return torch.stack([self._read_row(name, int(i) % len(self.files), int(r)) for i, r in zip(image_indices, rows)])
 
     def queries(self, image_indices: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Teacher queries [B, tokens, dim] on the CPU in the stored dtype (index modulo the image count)."""
@@ -461,17 +574,30 @@ class QueryBank:
 
 
 def open_bank(
-    folder: str | os.PathLike, images: Sequence[Path], settings: BankSettings | None = None, memo_file: Path | None = None
+    folder: str | os.PathLike,
+    images: Sequence[Path],
+    settings: BankSettings | None = None,
+    memo_file: Path | None = None,
+    *,
+    naming: Naming = "stem",
+    verify: bool = False,
 ) -> QueryBank:
-    """The bank of ``images`` in ``folder`` (one ``<stem>.safetensors`` each), checked before training.
+    """The bank of ``images`` in ``folder`` (one file each, named as ``bank_file``), checked before training.
 
     Each file must exist and come from the same image bytes; with ``settings`` its metadata must
-    match them too. Errors name the file and say how to rebuild.
+    match them too; with ``verify`` every row must pass its checksum (the whole folder is read).
+    Errors name the file and say how to rebuild; the folder is never changed.
     """
     folder = Path(folder)
     images = [Path(p) for p in images]
-    check_distinct_stems(images)
-    missing = [bank_file(folder, image).name for image in images if not bank_file(folder, image).is_file()]
+    if naming == "stem":
+        check_distinct_stems(images)
+    files = [bank_file(folder, image, naming) for image in images]
+    missing = [
+        path.name if naming == "stem" else f"{path.name} (of {image})"
+        for image, path in zip(images, files)
+        if not path.is_file()
+    ]
     if missing:
         raise InputDataError(
             f"The PDM bank folder {folder} lacks {', '.join(missing)}: build it with `python -m pdm_lightning.features "
@@ -484,8 +610,7 @@ def open_bank(
         )
     # A "both" bank serves either teacher: the mode must only store what the run reads.
     wanted_mode = base.pop("mode") if base is not None else None
-    for image in images:
-        path = bank_file(folder, image)
+    for image, path in zip(images, files):
         expected = {**(base or {}), "image_sha256": file_sha256(image)}
         found = read_metadata(path)
         differences = metadata_differences(found, expected)
@@ -496,5 +621,9 @@ def open_bank(
                 f"{path} does not match this run ({'; '.join(differences)}): rebuild it with the run's settings "
                 "(python -m pdm_lightning.features) or point training at the right folder."
             )
-    return QueryBank([bank_file(folder, image) for image in images])
-
+    if verify:
+        damaged = find_damaged(list(dict.fromkeys(files)))
+        if damaged:
+            path, problem = next(iter(damaged.items()))
+            raise BankDamagedError(damage_message(path, problem))
+    return QueryBank(files)

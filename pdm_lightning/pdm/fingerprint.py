@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from pdm_lightning.core.atomic import write_bytes_atomically
+from pdm_lightning.core.locks import file_lock
 
 # What the bank depends on inside a diffusers pipeline folder.
 MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -27,13 +28,28 @@ def file_sha256(path: Path, memo_file: Path | None = None) -> str:
     digest = _hash_memo.get(key) or disk_memo.get(disk_key) or _hash_bytes(path)
     _hash_memo[key] = digest
     if memo_file is not None and disk_memo.get(disk_key) != digest:
-        disk_memo[disk_key] = digest
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomically(memo_file, json.dumps(disk_memo, indent=0, sort_keys=True).encode())
-        except OSError:  # another process writing the memo at the same moment: it only saves time
-            pass
+        _remember(memo_file, disk_key, digest)
     return digest
+
+
+def memo_lock_path(memo_file: Path) -> Path:
+    """The lock file guarding read-modify-write of ``memo_file`` (it stays beside it, empty)."""
+    return memo_file.with_name(f"{memo_file.name}.lock")
+
+
+def _remember(memo_file: Path, key: str, digest: str) -> None:
+    """Adds one record to the shared memo: read, update and written back under a lock, so ranks and
+    concurrent runs sharing the cache never drop each other's records (the hashing itself runs unlocked)."""
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(memo_lock_path(memo_file)):
+            memo = _load_memo(memo_file)
+            if memo.get(key) == digest:
+                return
+            memo[key] = digest
+            write_bytes_atomically(memo_file, json.dumps(memo, indent=0, sort_keys=True).encode())
+    except OSError:  # a read-only or full cache: the memo only saves time
+        pass
 
 
 def _hash_bytes(path: Path) -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -69,6 +70,28 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def read_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(offset of the data, tensor name -> {dtype, shape, data_offsets}) of a safetensors file, from its header only.
+
+    Raises ValueError when the header is not a safetensors header (a truncated or overwritten file).
+    """
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError("shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > path.stat().st_size - 8:
+            raise ValueError(f"header length {length} exceeds the file")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as error:
+            raise ValueError(f"header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` strings of a safetensors file (only its header is read)."""
     with safe_open(str(path), framework="pt") as handle:
@@ -107,8 +130,8 @@ class PreallocatedSafetensors:
         self._file.write(struct.pack("<Q", len(encoded)) + encoded)
         self._file.truncate(self.total_size)  # sparse until written
 
-    def write(self, name: str, tensor: torch.Tensor, row: int | None = None) -> None:
-        """Writes the whole tensor ``name``, or its row ``row`` (a tensor of shape shape[1:])."""
+    def write(self, name: str, tensor: torch.Tensor, row: int | None = None) -> int:
+        """Writes the whole tensor ``name``, or its row ``row`` (a tensor of shape shape[1:]); returns the bytes' crc32."""
         shape = self.shapes[name] if row is None else self.shapes[name][1:]
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
@@ -116,6 +139,7 @@ class PreallocatedSafetensors:
         offset = self.data_start + self.offsets[name] + (0 if row is None else row * data.nbytes)
         self._file.seek(offset)
         self._file.write(data.tobytes())
+        return zlib.crc32(data)  # of exactly the bytes on disk, so a reader can verify them (pdm.integrity)
 
     def commit(self) -> Path:
         """Flushes to disk and renames the partial file to its final name."""

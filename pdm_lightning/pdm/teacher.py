@@ -69,9 +69,17 @@ class PDMTeacher:
         return cache_folder(self.settings.bank_settings(self.source, class_prompt, resolution), root, root / MODEL_HASHES_FILE)
 
     def prepare(self, images: Sequence[Path], class_prompt: str, resolution: int, device: torch.device) -> BuildReport | None:
-        """Builds the bank of ``images`` in the cache, or reuses it (None with a user's ``features_dir``)."""
+        """Builds the bank of ``images`` in the cache, or reuses it after checking every row of it.
+
+        With a user's ``features_dir`` nothing is built (None): its files are checked against the run
+        and every row against its checksum, so a damaged file stops the run here, named, and is never
+        rewritten.
+        """
         if self.settings.features_dir is not None:
-            return None  # checked when opened
+            settings = self.settings.bank_settings(self.source, class_prompt, resolution)
+            root = self.settings.cache_root()
+            open_bank(self.settings.features_dir, images, settings, root / MODEL_HASHES_FILE, naming="stem", verify=True)
+            return None
         return ensure_cached_bank(
             self.settings.bank_settings(self.source, class_prompt, resolution),
             images,
@@ -85,7 +93,9 @@ class PDMTeacher:
         settings = self.settings.bank_settings(self.source, class_prompt, resolution)
         root = self.settings.cache_root()
         # The model's weights are hashed once and remembered in the cache root (not again on every rank).
-        bank = open_bank(self.bank_folder(class_prompt, resolution), images, settings, root / MODEL_HASHES_FILE)
+        # A user's folder names files after the photos' stems, the cache after their content (bank.bank_file).
+        naming = "stem" if self.settings.features_dir is not None else "content"
+        bank = open_bank(self.bank_folder(class_prompt, resolution), images, settings, root / MODEL_HASHES_FILE, naming=naming)
         condition = None
         if self.settings.on_the_fly:
             # The pretrained text encoder's class condition (the trained one may drift from it).

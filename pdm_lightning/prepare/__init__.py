@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from pdm_lightning.core.dtypes import auto_dtype
 from pdm_lightning.core.images import validate_image_folder
 from pdm_lightning.core.loading import ModelSource
-from pdm_lightning.prepare.class_images import MANIFEST_NAME, ClassImageGeneration, generate_class_images, list_class_images
+from pdm_lightning.prepare.class_images import BOOKKEEPING_NAMES, ClassImageGeneration, generate_class_images, list_class_images
 from pdm_lightning.data.masks import MaskSettings, resolve_class_masks, resolve_instance_masks
 from pdm_lightning.pdm.teacher import PDMTeacher
 
@@ -69,7 +69,7 @@ def prepare_class_images(inputs: RunInputs, source: ModelSource, device: torch.d
     if Path(inputs.class_data_dir).exists():  # a missing one is created for the generated images
         validate_image_folder(
             inputs.class_data_dir, role="class_data_dir", resolution=inputs.resolution, allow_empty=True,
-            ignore=(MANIFEST_NAME,),
+            ignore=BOOKKEEPING_NAMES,
         )
     generation = inputs.class_generation or ClassImageGeneration()
 

@@ -5,6 +5,10 @@ generated. Each new image is seeded by its slot number, written under a temporar
 renamed to a content-hash name, and recorded in a manifest, so an interrupted generation resumes
 where it stopped and a later run can tell which settings produced the folder's images. Nothing
 already in the folder is ever modified or deleted.
+
+Several runs may fill one folder at once (subjects of one class, DDP nodes sharing a disk): each
+writes its images and merges its records into the manifest on disk under one file lock, so no
+writer's records are lost and no half-written file of a live writer is taken for a stale one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -25,10 +30,15 @@ from tqdm.auto import tqdm
 
 from pdm_lightning.core.atomic import remove_stale_partials, write_bytes_atomically
 from pdm_lightning.core.images import list_image_files
+from pdm_lightning.core.locks import file_lock
 from pdm_lightning.core.seeding import derive_seed
 from pdm_lightning.generation.settings import GenerationSettings, require_positive
 
 MANIFEST_NAME = "pdm_lightning_class_images.json"
+# Held by whoever writes into the folder (images and manifest); it stays, empty (see core.locks).
+MANIFEST_LOCK_NAME = f".{MANIFEST_NAME}.lock"
+# The folder's own files that are not class images.
+BOOKKEEPING_NAMES = (MANIFEST_NAME, MANIFEST_LOCK_NAME)
 # Settings that change what an image looks like; a mismatch on any of them is reported.
 _COMPARED_SETTINGS = ("prompt", "base_model", "revision", "sampler", "num_inference_steps", "guidance_scale", "resolution")
 
@@ -69,7 +79,7 @@ class ClassImageGeneration(GenerationSettings):
 
 def list_class_images(class_dir: str | os.PathLike) -> list[Path]:
     """The images of a class folder in name order (the manifest is not one of them)."""
-    return list_image_files(class_dir, role="class_data_dir", ignore=(MANIFEST_NAME,))
+    return list_image_files(class_dir, role="class_data_dir", ignore=BOOKKEEPING_NAMES)
 
 
 def read_manifest(class_dir: Path) -> dict[str, dict[str, Any]]:
@@ -87,6 +97,23 @@ def read_manifest(class_dir: Path) -> dict[str, dict[str, Any]]:
 def _write_manifest(class_dir: Path, records: dict[str, dict[str, Any]]) -> None:
     data = json.dumps({"format": 1, "images": records}, indent=1, sort_keys=True).encode()
     write_bytes_atomically(class_dir / MANIFEST_NAME, data)
+
+
+def folder_lock(class_dir: Path) -> AbstractContextManager[None]:
+    """The lock every writer of ``class_dir`` holds while it writes images or the manifest."""
+    return file_lock(class_dir / MANIFEST_LOCK_NAME)
+
+
+def merge_records(class_dir: Path, new_records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Adds ``new_records`` to the manifest as it is on disk now; returns all records. Call under ``folder_lock``.
+
+    Reading at write time (not at start) keeps the records another run added meanwhile; records of
+    files no longer in the folder are dropped.
+    """
+    records = {name: rec for name, rec in read_manifest(class_dir).items() if (class_dir / name).is_file()}
+    records.update(new_records)
+    _write_manifest(class_dir, records)
+    return records
 
 
 def save_png_by_content(image: Image.Image, class_dir: Path) -> str:
@@ -131,7 +158,8 @@ def generate_class_images(
     """
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(class_dir)
+    with folder_lock(class_dir):  # a live writer holds the lock while its partial file exists
+        remove_stale_partials(class_dir)
 
     records = {name: rec for name, rec in read_manifest(class_dir).items() if (class_dir / name).is_file()}
     wanted = {
@@ -158,11 +186,14 @@ def generate_class_images(
     while missing > 0:
         batch_slots = _free_slots(used_slots, min(missing, settings.sample_batch_size))
         images = _generate_batch(pipeline, class_prompt, batch_slots, settings, resolution, pipeline.device)
-        for slot, image in zip(batch_slots, images):
-            name = save_png_by_content(image, class_dir)
-            records[name] = {**wanted, "slot": slot, "seed": derive_seed(settings.seed, slot)}
-        used_slots.update(batch_slots)
-        _write_manifest(class_dir, records)
+        with folder_lock(class_dir):  # generating (slow) is outside the lock, writing (fast) inside
+            new = {
+                save_png_by_content(image, class_dir): {**wanted, "slot": slot, "seed": derive_seed(settings.seed, slot)}
+                for slot, image in zip(batch_slots, images)
+            }
+            records = merge_records(class_dir, new)
+        # Slots another run used meanwhile are taken too: its images already count towards the total.
+        used_slots.update(batch_slots, (int(rec["slot"]) for rec in records.values() if "slot" in rec))
         made += len(batch_slots)
         progress.update(len(batch_slots))
         missing = num_class_images - len(list_class_images(class_dir))

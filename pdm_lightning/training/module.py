@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from pdm_lightning.core.dtypes import compute_dtype
 from pdm_lightning.losses.masks import MaskMode, mask_to_latent, mask_to_tokens
@@ -25,6 +27,16 @@ from pdm_lightning.losses.pdm import pdm_loss
 from pdm_lightning.core.loading import ModelSource
 from pdm_lightning.data.batch import Batch
 from pdm_lightning.training.lora import LoraSettings, add_lora_adapters
+from pdm_lightning.training.nonfinite import (
+    NonFiniteGuard,
+    NonFiniteSettings,
+    NonFiniteTrainingError,
+    all_finite,
+    describe_terms,
+    gradient_norm,
+    nonfinite_terms,
+    prevent_checkpoints_on_exception,
+)
 from pdm_lightning.training.optim import OptimizerConfig, build_lr_scheduler, build_optimizer
 from pdm_lightning.pdm.capture import QueryCapture
 from pdm_lightning.pdm.settings import PDMSettings
@@ -61,6 +73,9 @@ class DreamBoothModule(L.LightningModule):
         mask_pdm_loss: restrict the PDM loss to the subject's tokens (needs subject masks).
         mask_mode: ``binary`` (any latent cell with some subject counts as subject, as the reference)
             or ``soft`` (area weights); set with the masks (``--data.masks.mode``).
+        nonfinite: what a NaN or infinite loss term or gradient norm does: stop the run at that step
+            (default) or drop that optimizer step (``--model.nonfinite.action skip``, with a limit on
+            drops in a row). No checkpoint, sample or export is ever written from non-finite weights.
     """
 
     def __init__(
@@ -83,12 +98,14 @@ class DreamBoothModule(L.LightningModule):
         mask_prior_loss: bool = False,
         mask_pdm_loss: bool = False,
         mask_mode: MaskMode = "binary",
+        nonfinite: NonFiniteSettings = NonFiniteSettings(),  # noqa: B008 - frozen: one shared default is safe
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.pdm = PDMSettings(**pdm) if isinstance(pdm, dict) else pdm
+        self.nonfinite_guard = NonFiniteGuard(NonFiniteSettings(**nonfinite) if isinstance(nonfinite, dict) else nonfinite)
         self.tokenizer = self.text_encoder = self.vae = self.unet = self.noise_scheduler = None
         self.pdm_teacher: PDMTeacher | None = None
         self.teacher_unet = None  # registered here so it moves with the module (on-the-fly teacher, full fine-tune)
@@ -245,7 +262,75 @@ class DreamBoothModule(L.LightningModule):
         self.log("train/loss_instance", loss.instance)
         if loss.prior is not None:
             self.log("train/loss_prior", loss.prior)
+        terms = {"train/loss": total, "train/loss_instance": loss.instance, "train/loss_prior": loss.prior}
+        if num_pdm:
+            terms["train/loss_pdm"] = loss_pdm
+        self.check_losses_finite(terms)
         return total
+
+    # The non-finite guard (training/nonfinite.py): losses here, gradients before the optimizer step,
+    # weights after it; a stop raises before anything (checkpoint, sample, export) sees the weights.
+
+    def check_losses_finite(self, terms: dict[str, torch.Tensor | None]) -> None:
+        """Flags a NaN or infinite loss term; with ``stop`` the run ends now, before the backward pass."""
+        bad = nonfinite_terms(terms)
+        # Every rank takes the same decision (a collective), so none waits for a rank that stopped.
+        # (A step called outside a Trainer, as the tests of the loss do, decides alone.)
+        any_bad = self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False) if self._trainer else bool(bad)
+        if not any_bad:
+            return
+        self.nonfinite_guard.flag(describe_terms(bad) if bad else "a loss on another rank is not finite")
+        if self.nonfinite_guard.settings.action == "stop":
+            self._stop_nonfinite()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Once per optimizer step, after backward (and unscaling): checks the gradient norm, then stops,
+        drops the step (gradients set to None: the optimizer leaves every weight and its state alone) or goes on."""
+        # Under 16-bit AMP the GradScaler itself drops steps with infinite gradients (expected while it
+        # calibrates its scale); the guard leaves those to it.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            norm = gradient_norm(self.trainable_parameters())
+            if not math.isfinite(norm):
+                self.nonfinite_guard.flag(f"the gradient norm is {norm}")
+        decision = self.nonfinite_guard.decide()
+        if decision == "stop":
+            self._stop_nonfinite()
+        if decision == "skip":
+            optimizer.zero_grad(set_to_none=True)
+            rank_zero_warn(f"Dropped optimizer step {self.global_step} (non-finite loss or gradients; "
+                           f"{self.nonfinite_guard.skipped_steps} dropped so far, --model.nonfinite.action skip).")
+        if self.nonfinite_guard.settings.action == "skip":
+            self.log("train/nonfinite_skipped_steps", float(self.nonfinite_guard.skipped_steps))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then a check that it left every trained weight finite (finite gradients with
+        a huge learning rate or weight decay can still overflow); runs before any checkpoint of the step."""
+        super().optimizer_step(*args, **kwargs)
+        if not all_finite(self.trainable_parameters()):
+            prevent_checkpoints_on_exception(self.trainer)
+            raise NonFiniteTrainingError(
+                f"The update of step {self.global_step} made weights NaN or infinite although its losses and "
+                f"gradient norm were finite: lower --model.learning_rate (now {self.hparams.learning_rate:g}) or "
+                "--model.optimizer.adam_weight_decay. Nothing is written from these weights. "
+                f"{self.nonfinite_guard.checkpoint_line()}"
+            )
+
+    def on_train_start(self) -> None:
+        # Checkpoint files already there are older than this fit; a resumed run's last finite weights
+        # are those of the checkpoint it resumed from.
+        self.nonfinite_guard.note_checkpoints(self.trainer, None)
+        if self.trainer.ckpt_path:
+            self.nonfinite_guard.note_resumed(self.trainer.ckpt_path, self.global_step)
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        # Runs after the callbacks' hook: a checkpoint saved at this step is on disk now.
+        self.nonfinite_guard.note_checkpoints(self.trainer, self.global_step)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _stop_nonfinite(self) -> None:
+        raise NonFiniteTrainingError(self.nonfinite_guard.stop_message(self.global_step, self.hparams.learning_rate))
 
     def _diffusion_mask(self, batch: Batch, num_instance: int, latents: torch.Tensor) -> torch.Tensor | None:
         """Latent-resolution subject masks of the instance (+ class) chunk; ones where masking is off."""
