@@ -7,8 +7,8 @@
         --identifier sks --class_noun dog
 
 Writes --num_images PNGs per prompt (prompt, seed and sampler in their metadata) and a grid per prompt
-(in grids/) to --out. Image k of every prompt uses the seed derived from (--seed, k): the same seed
-gives the same images, whatever the batch size.
+(in grids/) to --out (default: outputs/ in the current directory). Image k of every prompt uses the seed
+derived from (--seed, k): the same seed gives the same images, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
+from pdm_lightning import console
+
+if __name__ == "__main__":  # before the imports below: transformers prints its notices while diffusers imports
+    console.install(sys.argv)  # --verbose (taken off the command line) keeps them
+
+import torch  # this import and the ones below: after console.install
 
 from pdm_lightning.core.dtypes import DTYPES
 from pdm_lightning.core.errors import InputDataError
@@ -44,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompts_file", help="text file, one prompt per line (# comments and blank lines skipped)")
     prompts.add_argument("--identifier", help="value of {identifier}, e.g. sks")
     prompts.add_argument("--class_noun", help="value of {class_noun}, e.g. dog")
-    parser.add_argument("--out", default="outputs", help="folder for the PNGs (grids in OUT/grids)")
+    parser.add_argument("--out", default="outputs",
+                        help="folder for the PNGs, created if missing (default: outputs/ in the current directory); "
+                        "a grid per prompt in OUT/grids")
     parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=DEFAULTS.num_inference_steps, help="sampler steps")
@@ -79,8 +86,19 @@ def main(argv: list[str] | None = None) -> list:
         pipeline.to(device), prompts, args.out, num_images=args.num_images, seed=args.seed, settings=settings,
         batch_size=args.batch_size, model=model,
     )
-    print(f"Wrote {len(paths)} images and {len(prompts)} grids to {args.out}")
+    print(summary(len(paths), len(prompts), args.out))
     return paths
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 grid``, ``3 grids``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def summary(num_images: int, num_grids: int, out: str) -> str:
+    """The last line printed: what was written, and where (the folder named even when it is the default)."""
+    folder = str(out) if str(out).endswith("/") else f"{out}/"
+    return f"Wrote {counted(num_images, 'image')} and {counted(num_grids, 'grid')} to {folder} (grids in {folder}grids/)"
 
 
 if __name__ == "__main__":

@@ -9,21 +9,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+from pdm_lightning import console  # the standard library only: it quiets the libraries imported below
+
+if __name__ == "__main__":  # `python -m pdm_lightning.cli` (the runner's subprocesses): before those imports
+    console.install(sys.argv)
+
+import lightning as L  # this import and the ones below: after console.install
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from pdm_lightning.callbacks.checkpoint import StepCheckpoint
 from pdm_lightning.callbacks.export import ExportWeights
 from pdm_lightning.callbacks.mask_preview import MaskPreview
 from pdm_lightning.callbacks.evaluation import DreamBenchEvaluation
 from pdm_lightning.callbacks.predictions import PredictionWriter
+from pdm_lightning.callbacks.progress import StepProgressBar, with_step_progress_bar
 from pdm_lightning.callbacks.quality_checkpoint import QualityCheckpoint
 from pdm_lightning.callbacks.samples import SampleImages
+from pdm_lightning.cli_parser import PDMArgumentParser
 from pdm_lightning.training.datamodule import DreamBoothDataModule
 from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
@@ -38,10 +46,13 @@ from pdm_lightning.training.nonfinite import NonFiniteTrainingError
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs/pdm_lightning", "name": "", "version": ""},
+        "init_args": {"save_dir": "runs/pdm_lightning", "name": "", "version": "", "default_hp_metric": False},
     },
     "log_every_n_steps": 1,
     "max_steps": 700,
+    # Lightning's table (with "FLOPs 0": nothing gives it an example input) becomes ParameterCounts' one
+    # line; --verbose or --trainer.enable_model_summary true brings the table back.
+    "enable_model_summary": False,
 }
 
 # Values of --ckpt_path that Lightning resolves itself ("last" is checked in PDMLightningCLI.resolve_last_checkpoint).
@@ -50,6 +61,31 @@ REMOTE_CKPT_PREFIXES = ("registry:",)  # Lightning's model-registry paths (fetch
 
 # The frozen VAE (and text encoder) stay in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+class ParameterCounts(L.Callback):
+    """One line at the start of fit: what trains and what stays frozen (a LoRA run: the adapters alone).
+
+    Replaces Lightning's model-summary table: its three rows (text encoder, VAE, UNet) say less than
+    this line, and its FLOPs column reads 0 for a model that has no example input.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            rank_zero_info(parameter_counts(pl_module))
+
+
+def parameter_counts(module: L.LightningModule) -> str:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return f"Parameters: {get_human_readable_count(trainable)} trained, {get_human_readable_count(frozen)} frozen."
+
+
+def trainer_defaults(verbose: bool) -> dict[str, Any]:
+    """``TRAINER_DEFAULTS`` and ParameterCounts (a new instance per CLI); with --verbose, Lightning's table."""
+    if verbose:
+        return {**TRAINER_DEFAULTS, "enable_model_summary": True}
+    return {**TRAINER_DEFAULTS, "callbacks": [ParameterCounts()]}
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -68,6 +104,8 @@ def model_source(pretrained_model_name_or_path: str, revision: str | None, varia
 
 class PDMLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        if isinstance(parser, PDMArgumentParser):  # --help: our options first; --help-all: LightningCLI's
+            parser.use_short_help()
         # The base model is named once, on the model; the data module needs it for the tokenizer, the
         # class images and the bank. The PDM settings too: the data module builds the matching chunk.
         parser.link_arguments(
@@ -97,6 +135,9 @@ class PDMLightningCLI(LightningCLI):
         parser.add_lightning_class_args(MaskPreview, "mask_preview")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        # Not add_lightning_class_args: that would put the bar in the callbacks always, and Lightning refuses a
+        # ProgressBar callback with --trainer.enable_progress_bar false. instantiate_trainer adds it.
+        parser.add_class_arguments(StepProgressBar, "progress", fail_untyped=False, instantiate=True, sub_configs=True)
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -112,6 +153,13 @@ class PDMLightningCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, writing checkpoints through ``AtomicCheckpointIO`` unless a CheckpointIO was given."""
         trainer_config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer") or {}
+        # The step progress display replaces Lightning's epoch bar, unless the bar is off or one is given.
+        subcommand_config = self.config_init.get(str(self.subcommand), self.config_init)
+        kwargs["callbacks"] = with_step_progress_bar(
+            kwargs.get("callbacks", trainer_config.get("callbacks")),
+            kwargs.get("enable_progress_bar", trainer_config.get("enable_progress_bar")),
+            subcommand_config.get("progress"),
+        )
         plugins = kwargs.get("plugins", trainer_config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         strategy = kwargs.get("strategy", trainer_config.get("strategy"))
@@ -127,14 +175,15 @@ class PDMLightningCLI(LightningCLI):
 
         Each damaged file is named in one line; those cut short by an interrupted write (nothing can read
         them) are removed, so that the re-run step is saved under its own name again. A fallback to an
-        earlier step is said in one line. Left as ``last`` when the run has no checkpoint yet (Lightning
-        then warns and starts from scratch).
+        earlier step is said in one line. A run with no checkpoint yet starts from scratch, saying so in
+        one line (Lightning's warning would suggest ``save_last=True``, which is always on here).
         """
         config = self.config_init[self.subcommand]
         callback = next((cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, StepCheckpoint)), None)
         if config.get("ckpt_path") != "last" or callback is None:
             return
-        choice = choose_resume_checkpoint(callback.checkpoint_folder(self.trainer))
+        folder = callback.checkpoint_folder(self.trainer)
+        choice = choose_resume_checkpoint(folder)
         for check in choice.damaged:
             remove = check.damage.interrupted
             if remove and rank_zero_only.rank == 0:  # in DDP every rank chooses, rank 0 alone removes
@@ -144,6 +193,11 @@ class PDMLightningCLI(LightningCLI):
             rank_zero_info(choice.note)
         if choice.path is not None:
             config["ckpt_path"] = str(choice.path)
+        else:
+            # Lightning would warn "no last checkpoint ... HINT: set save_last=True": we always save last.
+            config["ckpt_path"] = None
+            start = "starting from scratch" if self.subcommand == "fit" else "using the base model's weights"
+            rank_zero_info(f"No checkpoint in {folder} yet: {start}.")
 
     def before_fit(self) -> None:
         self.resolve_last_checkpoint()
@@ -158,22 +212,48 @@ class PDMLightningCLI(LightningCLI):
         self.resolve_last_checkpoint()
 
 
+# What train.py and each subcommand's --help say first (LightningCLI's are the Trainer methods' docstrings).
+DESCRIPTION = ("PDMBooth / DreamBooth fine-tuning of Stable Diffusion. `train.py fit --help` lists the options; "
+               "`train.py fit ... --verbose` shows the libraries' notices too.")
+SUBCOMMAND_DESCRIPTIONS = {
+    "fit": "Trains a run, or resumes it with --ckpt_path last; checkpoints, samples and exports go to its folder.",
+    "validate": "Evaluates weights (--ckpt_path, or the base model) with the DreamBench metrics (docs/evaluation.md).",
+    "test": "Evaluates weights (--ckpt_path, or the base model) with the DreamBench metrics (docs/evaluation.md).",
+    "predict": "Generates the --data.predict prompts' images into <run>/predictions.",
+}
+
+
+def parser_kwargs(prog: str | None = None, description: str | None = None) -> dict[str, Any]:
+    """The main parser's and each subcommand's (LightningCLI gives a subcommand only its own entry):
+    a truncated option such as --model.learning_rat is an error with "did you mean", never taken as an
+    abbreviation."""
+    subcommands = {name: {"allow_abbrev": False, "description": text} for name, text in SUBCOMMAND_DESCRIPTIONS.items()}
+    return {"allow_abbrev": False, "description": description or DESCRIPTION, **({"prog": prog} if prog else {}),
+            **subcommands}
+
+
 def with_commented_print_config(args: list[str]) -> list[str]:
     """A bare ``--print_config`` prints each option's help above it (jsonargparse's ``comments`` flag)."""
     return ["--print_config=comments" if arg == "--print_config" else arg for arg in args]
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> PDMLightningCLI:
+def cli_main(args: list[str] | None = None, run: bool = True, prog: str | None = None,
+             description: str | None = None) -> PDMLightningCLI:
+    """train.py's LightningCLI; ``prog`` and ``description`` are another command's (``python -m
+    pdm_lightning.prepare``) in its help and errors."""
     if args is not None:  # None: LightningCLI reads sys.argv (rewritten by main)
         args = with_commented_print_config(list(args))
     return PDMLightningCLI(
         DreamBoothModule,
         DreamBoothDataModule,
         seed_everything_default=0,
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults=trainer_defaults(console.is_verbose()),
         save_config_callback=SaveFitConfig,
-        # A typo such as --model.learning_rat must be an error, not an abbreviation silently taken.
-        parser_kwargs={"allow_abbrev": False},
+        parser_class=PDMArgumentParser,  # --help: our options first; errors in one line, with "did you mean"
+        parser_kwargs=parser_kwargs(prog, description),
+        # The module's configure_optimizers builds its optimizer (--model.optimizer.*); LightningCLI's
+        # --optimizer / --lr_scheduler would replace it with one over no parameters.
+        auto_configure_optimizers=False,
         # Re-running the same command to resume rewrites config.yaml instead of refusing to start.
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -201,6 +281,7 @@ def report_input_errors() -> Iterator[None]:
 
 def main() -> None:
     """``train.py``: the CLI."""
+    console.install(sys.argv)  # train.py did it before its imports; this takes --verbose off for other callers
     sys.argv[1:] = with_commented_print_config(sys.argv[1:])
     with report_input_errors():
         cli_main()

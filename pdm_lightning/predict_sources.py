@@ -105,8 +105,12 @@ def module_from_checkpoint(
     """
     path = _existing(checkpoint, "--checkpoint", "give a .ckpt from <run>/checkpoints (e.g. last.ckpt).")
     hparams = checkpoint_hyperparameters(path)
-    base = pretrained_model_name_or_path or hparams["pretrained_model_name_or_path"]
-    check_model_source(base, hparams.get("revision"))
+    if pretrained_model_name_or_path:
+        base = pretrained_model_name_or_path
+        check_model_source(base, hparams.get("revision"))
+    else:
+        base = recorded_base_model(str(hparams["pretrained_model_name_or_path"]), path)
+        check_recorded_base_model(base, hparams.get("revision"), path)
     with warnings.catch_warnings():
         # Every frozen weight is "missing" from the checkpoint by design (they come from the base model).
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
@@ -114,6 +118,54 @@ def module_from_checkpoint(
             path, map_location="cpu", weights_only=True, pretrained_model_name_or_path=base
         )
     return module.eval()
+
+
+OVERRIDE_OPTION = "--pretrained_model_name_or_path"
+
+
+def recorded_base_model(recorded: str, checkpoint: Path) -> str:
+    """The base model a checkpoint records, as a folder this process can open, or a hub id.
+
+    Checkpoints record a local base model as an absolute path; one missing here fails at once (never
+    sent to the hub) with the override. Older checkpoints recorded the path as typed (``runs/tiny-sd``,
+    relative to the training's working directory, and shaped like a hub id): it is looked for relative
+    to the folders above the checkpoint, and refused when its first folder exists there but the model
+    does not (it was a path), else taken for a hub id.
+    """
+    if Path(recorded).expanduser().exists():
+        return recorded
+    if _recorded_as_path(recorded):
+        raise InputDataError(_moved_message(recorded, checkpoint))
+    above = checkpoint.resolve().parents
+    found = [folder / recorded for folder in above if (folder / recorded).is_dir()]
+    if found:
+        warnings.warn(f"--checkpoint {checkpoint} records its base model as {recorded}, relative to the directory it "
+                      f"was trained in: using {found[0]} ({OVERRIDE_OPTION} DIR sets another).", stacklevel=2)
+        return str(found[0])
+    first = Path(recorded).parts[0]
+    if Path(first).is_dir() or any((folder / first).is_dir() for folder in above):
+        raise InputDataError(_moved_message(recorded, checkpoint))
+    return recorded
+
+
+def _recorded_as_path(value: str) -> bool:
+    # Absolute, "./x", "~/x", "a/b/c" or a Windows path: never a hub id ("name" or "owner/name").
+    return Path(value).expanduser().is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def _moved_message(recorded: str, checkpoint: Path) -> str:
+    return (f"--checkpoint {checkpoint} records its base model as {recorded}, which does not exist here (moved, "
+            f"or the checkpoint comes from another machine or directory): give the base model's folder with "
+            f"{OVERRIDE_OPTION} DIR.")
+
+
+def check_recorded_base_model(base: str, revision: str | None, checkpoint: Path) -> None:
+    """``check_model_source`` for the checkpoint's own base model, its error naming the override."""
+    try:
+        check_model_source(base, revision)
+    except InputDataError as error:
+        raise InputDataError(f"The base model recorded in --checkpoint {checkpoint} cannot be used: {error} "
+                             f"To use another, give {OVERRIDE_OPTION} DIR.") from error
 
 
 def checkpoint_hyperparameters(path: Path) -> dict:

@@ -19,7 +19,14 @@ table ``<out>/results.{csv,md,png}`` (subject x metric, plus the mean) is rewrit
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+from pdm_lightning import console
+
+if __name__ == "__main__":  # quiet third-party notices before the heavy imports below print them
+    console.install(sys.argv)
+
+import argparse  # noqa: E402
 import json
 import subprocess
 import sys

@@ -151,7 +151,9 @@ def test_csv_report_and_subject_table(tmp_path: Path) -> None:
     assert table[0] == ["subject", "dino_i", "clip_t", "pres"]
     assert table[-1] == ["mean", "0.600000", "0.300000", "0.100000"]
     markdown = paths[1].read_text()
-    assert "| subject | DINO-I | CLIP-T | PRES |" in markdown and "| **mean** | 0.6000 | 0.3000 | 0.1000 |" in markdown
+    # Each metric's column says which way is better.
+    assert "| subject | DINO-I ↑ | CLIP-T ↑ | PRES ↓ |" in markdown and "| **mean** | 0.6000 | 0.3000 | 0.1000 |" in markdown
+    assert "↑ higher is better, ↓ lower is better" in markdown
     with Image.open(paths[2]) as plot:
         assert plot.format == "PNG" and plot.width > 300
         assert len(set(plot.convert("RGB").getdata())) > 3  # bars drawn, not a blank canvas

@@ -32,9 +32,12 @@ LAYERS = {
     "pdm_lightning.export": 8,
     "pdm_lightning.callbacks": 9,
     "pdm_lightning.cli": 10,
+    "pdm_lightning.cli_parser": 10,
+    "pdm_lightning.console": 10,
     "pdm_lightning.runner": 10,
     "pdm_lightning.predict_sources": 10,
     "pdm_lightning.features": 10,
+    "pdm_lightning.docs_options": 10,
     "pdm_lightning.prepare.__main__": 10,
 }
 

@@ -32,7 +32,9 @@ from pdm_lightning.evaluation.scoring import (
     write_reports,
 )
 from pdm_lightning.evaluation.settings import EvaluationPlan
+from pdm_lightning.export.export_set import MANIFEST_NAME, ExportSetError, read_manifest
 from pdm_lightning.generation.jobs import unpack_job_batch
+from pdm_lightning.training.module import DreamBoothModule
 
 # The data module gives fit no validation batches on purpose (the full evaluation is for validate/test).
 warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero", category=UserWarning)
@@ -45,7 +47,9 @@ class DreamBenchEvaluation(L.Callback):
     settings, what was left out and why), ``metrics.csv`` (one row per prompt plus ``all``),
     ``grids/NN_<prompt>.png`` (a prompt's images side by side; ``grids/class_prompt.png`` for PRES)
     and ``images/`` (every generated image, prompt and seed in its PNG metadata). TensorBoard gets
-    ``eval/<metric>`` scalars and the grids.
+    ``eval/<metric>`` scalars and the grids, at the step the weights were trained to (``global_step``
+    in metrics.json: the checkpoint's, an exported pipeline's from its manifest; else null, and
+    TensorBoard step 0).
 
     Args:
         dino_model: DINO model id or folder (the protocol's: facebook/dino-vits16).
@@ -145,11 +149,17 @@ class DreamBenchEvaluation(L.Callback):
         scores = score_subject(self._scorer, self._gathered_records(trainer), self._plan.prompts, self.lpips_net, module.device)
         if "lpips_i" in scores.left_out:
             rank_zero_warn(scores.left_out["lpips_i"])
-        module.log_dict({f"eval/{name}": value for name, value in scores.metrics.items()}, rank_zero_only=False, sync_dist=False)
+        step = trained_step(trainer, module)
+        metrics = {f"eval/{name}": value for name, value in scores.metrics.items()}
+        # logger=False: the scalars go to the loggers below at the trained step (Lightning's would be 0 in
+        # validate/test); self.log keeps them in callback_metrics and the printed results.
+        module.log_dict(metrics, rank_zero_only=False, sync_dist=False, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step or 0)
         self.results = evaluation_report(
             scores, self._plan, datamodule.hparams.instance_data_dir, len(self._scorer.real_paths),
             model={"pretrained_model_name_or_path": str(module.hparams.pretrained_model_name_or_path),
-                   "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None, "global_step": trainer.global_step},
+                   "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None, "global_step": step},
             embedders={"dino": self.dino_model, "clip": self.clip_model, "lpips": self.lpips_net},
             # The options as set (height and width only mirror resolution).
             settings={k: v for k, v in dataclasses.asdict(datamodule.evaluation).items()
@@ -157,7 +167,43 @@ class DreamBenchEvaluation(L.Callback):
         )
         if trainer.is_global_zero:
             for name, grid in write_reports(self._staging, self.results, scores, self._plan.prompts):
-                log_image(trainer, f"eval/{name}", grid, trainer.global_step)
+                log_image(trainer, f"eval/{name}", grid, step or 0)
             replace_directory(self._staging, self._out_dir)
         rank_zero_info("Evaluation: " + ", ".join(f"{METRIC_NAMES[k]} {v:.4f}" for k, v in scores.metrics.items())
                        + f" -> {self._out_dir}")
+
+
+def trained_step(trainer: L.Trainer, module: DreamBoothModule) -> int | None:
+    """The optimizer step the evaluated weights were trained to; None when unknown.
+
+    In validate/test a fresh Trainer's ``global_step`` is 0 whatever the weights: the step comes from
+    the checkpoint given with ``--ckpt_path``, from this Trainer when it has just trained them, from a
+    checkpoint the module was loaded from by hand, or from an exported pipeline's manifest.
+    """
+    loaded = module.trained_steps
+    if trainer.ckpt_path and loaded is not None:
+        return loaded
+    if trainer.global_step > 0:
+        return trainer.global_step
+    if loaded is not None:
+        return loaded
+    return exported_step(str(module.hparams.pretrained_model_name_or_path))
+
+
+def exported_step(base_model: str) -> int | None:
+    """The step of an exported pipeline (``<run>/export/pipeline``) from its set's ``manifest.json``.
+
+    The manifest sits in the set's folder, the pipeline's parent; it counts only when it lists the
+    pipeline's files (a base model next to some other export is not that export). None otherwise.
+    """
+    folder = Path(base_model).expanduser()
+    set_folder = folder.parent
+    if not (folder.is_dir() and (set_folder / MANIFEST_NAME).is_file()):
+        return None
+    try:
+        manifest = read_manifest(set_folder)
+    except ExportSetError:
+        return None  # informative only: a damaged manifest does not stop an evaluation
+    if not any(name.startswith(f"{folder.name}/") for name in manifest.files):
+        return None
+    return manifest.step

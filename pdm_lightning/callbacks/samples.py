@@ -11,7 +11,7 @@ from pdm_lightning.callbacks.run_outputs import log_image, run_dir
 from pdm_lightning.callbacks.run_parts import dreambooth_module
 from pdm_lightning.training.datamodule import DreamBoothDataModule
 from pdm_lightning.training.nonfinite import NonFiniteTrainingError, all_finite, first_nonfinite
-from pdm_lightning.generation.files import grid_name, make_grid, write_image
+from pdm_lightning.generation.files import open_rgb, write_grids, write_image
 from pdm_lightning.generation.jobs import plan_jobs
 from pdm_lightning.generation.sampling import generate_from_module
 from pdm_lightning.generation.settings import GenerationSettings, require_positive
@@ -27,8 +27,9 @@ DEFAULTS = GenerationSettings()
 class SampleImages(L.Callback):
     """Every ``every_n_train_steps`` optimizer steps and at the end of fit, samples the same prompts
     with the same seeds from the weights being trained (LoRA active, nothing reloaded), so that the
-    images of successive steps are comparable. Saves PNGs under ``<log dir>/samples/step_XXXXXX/`` and
-    logs a grid per prompt to TensorBoard (``samples/<prompt>``). Training continues exactly as it
+    images of successive steps are comparable. Saves PNGs under ``<log dir>/samples/step_XXXXXX/``, a grid
+    per prompt (its images side by side) in ``step_XXXXXX/grids/NN_<prompt>.png``, and logs the grids to
+    TensorBoard (``samples/NN_<prompt>``). Training continues exactly as it
     would have without it (modes, RNG states and gradients untouched). Runs on global rank 0 only.
 
     Args:
@@ -105,7 +106,7 @@ class SampleImages(L.Callback):
         written: list[Path] = []
         if trainer.is_global_zero:
             written = self._sample_to(out_dir, trainer, pl_module)
-            rank_zero_info(f"Sampled {len(written)} images at step {step} into {out_dir}")
+            rank_zero_info(f"Sampled {len(written)} images at step {step} into {out_dir} (a grid per prompt in grids/)")
         trainer.strategy.barrier("sample_images")
         return written
 
@@ -119,9 +120,9 @@ class SampleImages(L.Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         model = f"{module.hparams.pretrained_model_name_or_path} @ step {trainer.global_step}"
         written = [write_image(out_dir, job, image, self.settings, model, self.seed) for job, image in zip(jobs, images)]
-        for prompt_index, prompt in enumerate(prompts):
-            grid = make_grid([image for job, image in zip(jobs, images) if job.prompt_index == prompt_index])
-            log_image(trainer, f"{self.dirname}/{grid_name(prompt_index, prompt)}", grid, trainer.global_step)
+        # The grids on disk too (as predict writes them), not only in TensorBoard; the logged grid is the file's.
+        for grid_path in write_grids(out_dir, jobs):
+            log_image(trainer, f"{self.dirname}/{grid_path.stem}", open_rgb(grid_path), trainer.global_step)
         return written
 
 

@@ -8,6 +8,7 @@ call finds everything done and loads no model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from pdm_lightning.core.dtypes import auto_dtype
+from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.core.images import validate_image_folder
 from pdm_lightning.core.loading import ModelSource
 from pdm_lightning.prepare.class_images import BOOKKEEPING_NAMES, ClassImageGeneration, generate_class_images, list_class_images
@@ -44,12 +46,35 @@ class RunInputs:
         return list_class_images(self.class_data_dir)[: self.num_class_images]
 
 
+# A "<...>" in a prompt is a template's placeholder left unset (configs/own_photos.yaml), not a prompt.
+_PLACEHOLDER = re.compile(r"<[^<>]+>")
+
+
+def check_no_placeholders(prompts: dict[str, str | None]) -> None:
+    """Fails, naming the option, when a prompt still holds a ``<...>`` placeholder."""
+    for option, prompt in prompts.items():
+        if prompt and _PLACEHOLDER.search(prompt):
+            raise InputDataError(
+                f"--data.{option} {prompt!r} still holds a placeholder: set it, e.g. --data.{option} "
+                f"\"{'a photo of sks cat' if option == 'instance_prompt' else 'a photo of cat'}\"."
+            )
+
+
 def prepare_inputs(
-    inputs: RunInputs, source: ModelSource, teacher: PDMTeacher | None = None, device: torch.device | None = None
+    inputs: RunInputs,
+    source: ModelSource,
+    teacher: PDMTeacher | None = None,
+    device: torch.device | None = None,
+    prompts: dict[str, str | None] | None = None,
 ) -> None:
-    """Checks the inputs, then makes what training needs that is not there yet (nothing in the user's folders changes)."""
+    """Checks the inputs, then makes what training needs that is not there yet (nothing in the user's folders changes).
+
+    ``prompts``: the run's prompts by option name, checked for unset placeholders.
+    """
+    prompts = prompts or {"class_prompt": inputs.class_prompt}
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     instance_images = inputs.instance_images()  # bad inputs stop the run before any model is loaded
+    check_no_placeholders(prompts)
     source.check()
     masks = inputs.masks or MaskSettings()
     if masks.needs_instance_masks:  # user masks are checked, automatic ones computed and cached

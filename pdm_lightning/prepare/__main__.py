@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import sys
 
-from pdm_lightning.cli import cli_main, report_input_errors
+from pdm_lightning import console
+from pdm_lightning.cli import cli_main, report_input_errors, with_commented_print_config
+
+PROG = "python -m pdm_lightning.prepare"
 
 
 def main(args: list[str] | None = None) -> None:
+    """The command; ``args`` replaces the command line (tests). ``--verbose`` as for train.py."""
+    if args is None:
+        # The transformers notices printed while this package imported diffusers cannot be taken back;
+        # the rest (Lightning's, our warnings' format) is quieted from here.
+        console.install(sys.argv)
+        # LightningCLI reads sys.argv itself: given both, it warns that args and the command line differ.
+        sys.argv[1:] = with_commented_print_config(sys.argv[1:])
+    else:
+        args = list(args)
+        console.take_verbose_flag(args)
     with report_input_errors():
-        cli = cli_main(list(sys.argv[1:] if args is None else args), run=False)
+        cli = cli_main(args, run=False, prog=PROG, description=__doc__.split("\n\n", 1)[0].replace("``", "`"))
         cli.datamodule.prepare_data()
 
 

@@ -138,7 +138,8 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.inputs.instance_images()
             self.base_model.check()
             return
-        prepare_inputs(self.inputs, self.base_model, self.teacher, self._device())
+        prompts = {"instance_prompt": self.hparams.instance_prompt, "class_prompt": self.hparams.class_prompt}
+        prepare_inputs(self.inputs, self.base_model, self.teacher, self._device(), prompts)
 
     def _tokenize(self, tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:
         length = len(tokenizer(prompt).input_ids)

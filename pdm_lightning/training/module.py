@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -101,7 +102,12 @@ class DreamBoothModule(L.LightningModule):
         nonfinite: NonFiniteSettings = NonFiniteSettings(),  # noqa: B008 - frozen: one shared default is safe
     ) -> None:
         super().__init__()
+        self.trained_steps: int | None = None  # the loaded checkpoint's global_step (on_load_checkpoint)
         self.save_hyperparameters()
+        # A local base model is recorded absolute, also when the CLI hands over its config as typed (it replaces
+        # what save_hyperparameters reads): predict.py --checkpoint may run from another directory.
+        if Path(pretrained_model_name_or_path).expanduser().exists():
+            self.hparams.pretrained_model_name_or_path = str(Path(pretrained_model_name_or_path).expanduser().resolve())
         self.optimizer_config = optimizer or OptimizerConfig()
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.pdm = PDMSettings(**pdm) if isinstance(pdm, dict) else pdm
@@ -390,6 +396,7 @@ class DreamBoothModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.trained_steps = checkpoint.get("global_step")  # test/validate's trainer.global_step is 0, not this
         missing = self.trainable_state_keys() - checkpoint["state_dict"].keys()
         if missing:
             raise RuntimeError(
