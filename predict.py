@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdm_lightning import console
+from pdm_lightning.core import console
 
 if __name__ == "__main__":  # before the imports below: transformers prints its notices while diffusers imports
     console.install(sys.argv)  # --verbose (taken off the command line) keeps them

@@ -9,7 +9,7 @@
 
 import sys
 
-from pdm_lightning import console
+from pdm_lightning.core import console
 
 if __name__ == "__main__":
     # Before the imports below: transformers prints its notices while diffusers imports.

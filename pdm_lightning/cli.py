@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pdm_lightning import console  # the standard library only: it quiets the libraries imported below
+from pdm_lightning.core import console  # the standard library only: it quiets the libraries imported below
 
 if __name__ == "__main__":  # `python -m pdm_lightning.cli` (the runner's subprocesses): before those imports
     console.install(sys.argv)

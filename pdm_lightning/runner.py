@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from pdm_lightning import console
+from pdm_lightning.core import console
 
 if __name__ == "__main__":  # quiet third-party notices before the heavy imports below print them
     console.install(sys.argv)

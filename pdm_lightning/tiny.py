@@ -12,7 +12,14 @@ on a CPU but generates noise. It is saved with ``save_pretrained`` and loaded th
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+from pdm_lightning.core import console
+
+if __name__ == "__main__":  # quiet third-party notices before the imports below print them
+    console.install(sys.argv)
+
+import argparse  # noqa: E402
 import json
 import tempfile
 from pathlib import Path

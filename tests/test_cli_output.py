@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICKSTART_CONFIG, REPO_ROOT, quickstart_args
-from pdm_lightning import console
+from pdm_lightning.core import console
 from pdm_lightning.cli import cli_main
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -168,7 +168,7 @@ def test_verbose_is_taken_off_the_arguments(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 # Printed by the libraries on every command (or every resume) before this change. A notice a new library
-# version no longer prints fails the --verbose half of the test: remove it here and in console.py.
+# version no longer prints fails the --verbose half of the test: remove it here and in core/console.py.
 NOTICES = {
     "transformers' torchvision notice": "requires torchvision (not installed)",
     "Lightning's litlogger tip": "try installing [litlogger]",

@@ -33,7 +33,6 @@ LAYERS = {
     "pdm_lightning.callbacks": 9,
     "pdm_lightning.cli": 10,
     "pdm_lightning.cli_parser": 10,
-    "pdm_lightning.console": 10,
     "pdm_lightning.runner": 10,
     "pdm_lightning.predict_sources": 10,
     "pdm_lightning.features": 10,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from pdm_lightning import console
+from pdm_lightning.core import console
 from pdm_lightning.cli import cli_main, report_input_errors, with_commented_print_config
 
 PROG = "python -m pdm_lightning.prepare"

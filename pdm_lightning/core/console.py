@@ -27,7 +27,7 @@ from typing import TextIO
 VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "PDM_LIGHTNING_VERBOSE"  # inherited by the runner's train.py subprocesses
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pdm_lightning/
 # Our code: the package and the repository's scripts (train.py, predict.py) beside it.
 OWN_SCRIPTS = ("train.py", "predict.py")
 
