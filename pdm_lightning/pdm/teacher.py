@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 
 from pdm_lightning.core.loading import ModelSource
-from pdm_lightning.pdm.bank import MODEL_HASHES_FILE, BuildReport, QueryBank, cache_folder, class_condition, ensure_cached_bank, open_bank
+from pdm_lightning.pdm.bank import (
+    MODEL_HASHES_FILE,
+    BuildReport,
+    QueryBank,
+    cached_bank_folder,
+    class_condition,
+    ensure_cached_bank,
+    open_bank,
+)
 from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture, adapters_disabled
 from pdm_lightning.pdm.settings import PDMSettings
 
@@ -65,8 +73,7 @@ class PDMTeacher:
         """The user's precomputed folder, or the cache folder named after everything that determines the bank."""
         if self.settings.features_dir is not None:
             return Path(self.settings.features_dir)
-        root = self.settings.cache_root()
-        return cache_folder(self.settings.bank_settings(self.source, class_prompt, resolution), root, root / MODEL_HASHES_FILE)
+        return cached_bank_folder(self.settings.bank_settings(self.source, class_prompt, resolution), self.settings.cache_root())
 
     def prepare(self, images: Sequence[Path], class_prompt: str, resolution: int, device: torch.device) -> BuildReport | None:
         """Builds the bank of ``images`` in the cache, or reuses it after checking every row of it.
