@@ -43,7 +43,9 @@ class IdentifierReport:
         single_token: it is one token.
         rank_fraction: for a single token, its merge's position in the vocabulary, 0 (most frequent)
             to 1 (rarest); None for several tokens or a single character.
-        common: a single token from the most frequent merges: a common word with a meaning of its own.
+        common: a single token from the most frequent merges (a common word with a meaning of its
+            own), or a single character (the letters and bytes every word falls back to are the
+            vocabulary's most frequent symbols: with CLIP's, "a" is the article, "v" a letter).
     """
 
     identifier: str
@@ -62,9 +64,10 @@ class IdentifierReport:
                 "(`python -m pdm_lightning.identifier MODEL` proposes some)."
             )
         if self.common:
+            why = (f"a common word for this tokenizer (merge rank in the first {self.rank_fraction:.0%} of the vocabulary)"
+                   if self.rank_fraction is not None else "a single character, among the tokenizer's most frequent symbols")
             found.append(
-                f"The identifier {self.identifier!r} is a common word for this tokenizer (merge rank in the first "
-                f"{self.rank_fraction:.0%} of the vocabulary): its existing meaning competes with the subject. Prefer "
+                f"The identifier {self.identifier!r} is {why}: its existing meaning competes with the subject. Prefer "
                 "a rare single-token word (`python -m pdm_lightning.identifier MODEL` proposes some)."
             )
         return found
@@ -104,13 +107,15 @@ def check_identifier(
     ids = tokenizer.convert_tokens_to_ids(tokens)
     single = len(ids) == 1
     fraction = rank_fraction(tokenizer, ids[0]) if single else None
+    pieces = [t.removesuffix(END_OF_WORD) for t in tokens]
+    single_character = single and len(pieces[0]) == 1
     return IdentifierReport(
         identifier=identifier,
-        pieces=[t.removesuffix(END_OF_WORD) for t in tokens],
+        pieces=pieces,
         token_ids=list(ids),
         single_token=single,
         rank_fraction=fraction,
-        common=fraction is not None and fraction < common_fraction,
+        common=single_character or (fraction is not None and fraction < common_fraction),
     )
 
 

@@ -38,6 +38,34 @@ def tiny_v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="session")
+def clip_vocabulary_gz() -> Path:
+    """CLIP's real ``bpe_simple_vocab_16e6.txt.gz``, sha256-checked, from the cache (``make install`` fills
+    it; a missing file is fetched from PyPI's open_clip_torch wheel, or ``$PDM_LIGHTNING_CLIP_BPE``)."""
+    from pdm_lightning.clip_vocab import vocabulary_gz
+
+    return vocabulary_gz()
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(clip_vocabulary_gz: Path):  # noqa: ANN201 - transformers CLIPTokenizer
+    """CLIP's real tokenizer (49,408 tokens, 77 positions) converted from that file, as the sd15 preset saves it."""
+    from pdm_lightning.clip_vocab import load_clip_tokenizer
+
+    return load_clip_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, clip_tokenizer) -> Path:
+    """The tiny pipeline with CLIP's real tokenizer in place of its own: for code that only tokenizes (the
+    identifier check, the 77-token warning). Its text encoder knows ~600 ids: never encode with it."""
+    from pdm_lightning.clip_vocab import save_clip_tokenizer
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("models") / "tiny-sd-clip-tokenizer"))
+    save_clip_tokenizer(model / "tokenizer")
+    return model
+
+
 @pytest.fixture
 def instance_dir(tmp_path: Path) -> Path:
     """A writable copy of the bundled example subject (5 photos, 256 px)."""

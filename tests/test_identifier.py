@@ -47,7 +47,9 @@ def test_split_and_common_identifiers_are_reported(tmp_path: Path) -> None:
     assert split.pieces == ["sk", "s", "dog"] and not split.single_token and not split.common
     assert split.token_ids == tokenizer.convert_tokens_to_ids(["sk", "s", "dog</w>"])
     assert "is 3 tokens (sk + s + dog)" in split.problems()[0]
-    assert check_identifier(tokenizer, "q").rank_fraction is None  # a single character has no merge rank
+    letter = check_identifier(tokenizer, "q")
+    assert letter.rank_fraction is None and letter.common  # a single character: no merge rank, but no rare word
+    assert "a single character" in letter.problems()[0]
 
 
 def test_proposals_are_rare_single_tokens(tmp_path: Path) -> None:
@@ -103,3 +105,48 @@ def test_command_line_checks_and_proposes(tmp_path: Path, tiny_model_dir: Path, 
     frequency_ordered_tokenizer(tmp_path / "tok")
     main([str(tmp_path / "tok"), "-n", "2"])  # a tokenizer folder works too
     assert capsys.readouterr().out.strip().endswith("vyk qlo")
+
+
+# --- CLIP's real vocabulary (what SD 1.x / 2.x tokenize with) ------------------------------------------
+
+
+def test_real_vocabulary_judges_the_usual_identifiers(clip_tokenizer: CLIPTokenizer) -> None:
+    sks = check_identifier(clip_tokenizer, "sks")  # DreamBooth's identifier: one rare token
+    assert sks.token_ids == [48136] and sks.rank_fraction > 0.95 and not sks.common and sks.problems() == []
+    ohwx = check_identifier(clip_tokenizer, "ohwx")  # the community's other favourite: also one rare token
+    assert ohwx.single_token and ohwx.rank_fraction > 0.95 and ohwx.problems() == []
+
+    dog = check_identifier(clip_tokenizer, "dog")  # a class noun: among the first 3% of the merges
+    assert dog.token_ids == [1929] and dog.rank_fraction < 0.05 and dog.common
+    assert "common word" in dog.problems()[0]
+    for word in ("the", "red", "photo"):
+        assert check_identifier(clip_tokenizer, word).common
+
+    xjy = check_identifier(clip_tokenizer, "xjy")  # a "random" string: three letters, each very common
+    assert xjy.pieces == ["x", "j", "y"] and "is 3 tokens (x + j + y)" in xjy.problems()[0]
+    assert check_identifier(clip_tokenizer, "sksdog").pieces == ["sk", "s", "dog"]
+
+    article = check_identifier(clip_tokenizer, "a")  # one letter, and the most frequent word
+    assert article.single_token and article.common and "a single character" in article.problems()[0]
+
+
+def test_real_vocabulary_proposals_are_rare_single_tokens(clip_tokenizer: CLIPTokenizer) -> None:
+    proposals = propose_identifiers(clip_tokenizer, n=10)
+    assert len(proposals) == 10 and len(set(proposals)) == 10
+    for word in proposals:
+        report = check_identifier(clip_tokenizer, word)
+        assert 3 <= len(word) <= 5 and report.single_token and report.rank_fraction > 0.95 and report.problems() == []
+
+
+def test_datamodule_warns_about_a_split_identifier_on_the_real_vocabulary(
+    clip_tokenizer_model_dir: Path, instance_dir: Path
+) -> None:
+    def setup(instance_prompt: str) -> None:
+        DreamBoothDataModule(str(instance_dir), instance_prompt, ModelSource(str(clip_tokenizer_model_dir)),
+                             class_prompt="a photo of dog", resolution=64).setup("fit")
+
+    with pytest.warns(UserWarning, match=r"'xjy' is 3 tokens \(x \+ j \+ y\)"):
+        setup("a photo of xjy dog")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup("a photo of sks dog")

@@ -22,6 +22,8 @@ LAYERS = {
     "pdm_lightning.core": 0,
     "pdm_lightning.identifier": 0,
     "pdm_lightning.tiny": 0,
+    "pdm_lightning.tiny_sdxl": 0,
+    "pdm_lightning.clip_vocab": 0,
     "pdm_lightning.losses": 1,
     "pdm_lightning.generation": 2,
     "pdm_lightning.data": 3,
