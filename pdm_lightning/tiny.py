@@ -1,5 +1,5 @@
-"""Random Stable-Diffusion-shaped pipelines: the tiny one for the quickstart and the tests, and SD1.5 /
-SD2.1 at their real shapes.
+"""Random Stable-Diffusion-shaped pipelines: the tiny ones for the quickstart and the tests, and SD1.5 /
+SD2.1 / SDXL at their real shapes.
 
     python -m pdm_lightning.tiny runs/tiny-sd                     # tiny (default)
     python -m pdm_lightning.tiny --preset sd15 runs/sd15-shapes   # 1.07B parameters, 4.3 GB float32
@@ -37,6 +37,7 @@ import torch
 
 from pdm_lightning.clip_vocab import BOS, EOS, ClipVocabularyError, add_vocabulary_files, bytes_to_unicode, load_clip_tokenizer
 from pdm_lightning.core.atomic import staged_directory
+from pdm_lightning.core.dtypes import DTYPES
 
 # Whole-word tokens, so that prompts tokenize into words as with the real CLIP vocabulary.
 VOCAB_WORDS = (
@@ -394,7 +395,28 @@ PRESETS: dict[str, PresetSpec] = {
         finish=add_clip_vocabulary_files,
     ),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# SDXL's presets live in their own module (it imports this one lazily, so no cycle).
+from pdm_lightning.tiny_sdxl import (  # noqa: E402
+    SDXL_DESCRIPTION,
+    SDXL_MODELS,
+    SDXL_PUBLISHED_COUNTS,
+    SDXL_RESOLUTION,
+    TINY_SDXL_DESCRIPTION,
+    TINY_SDXL_MODELS,
+    TINY_SDXL_PARAMETER_COUNTS,
+    TINY_SDXL_RESOLUTION,
+    sdxl_pipeline,
+)
+
+PRESETS["tiny-sdxl"] = PresetSpec(
+    description=TINY_SDXL_DESCRIPTION, models=TINY_SDXL_MODELS, pipeline=sdxl_pipeline,
+    resolution=TINY_SDXL_RESOLUTION, parameter_counts=TINY_SDXL_PARAMETER_COUNTS,
+)
+PRESETS["sdxl"] = PresetSpec(
+    description=SDXL_DESCRIPTION, models=SDXL_MODELS, pipeline=sdxl_pipeline,
+    resolution=SDXL_RESOLUTION, parameter_counts=SDXL_PUBLISHED_COUNTS, finish=add_clip_vocabulary_files,
+)
 
 
 def _report(message: str, verbose: bool) -> None:
@@ -474,7 +496,7 @@ def save_tiny_pipeline(
 
 
 def main(argv: list[str] | None = None) -> None:
-    presets = "\n".join(f"  {name:6} {spec.description}" for name, spec in PRESETS.items())
+    presets = "\n".join(f"  {name:9} {spec.description}" for name, spec in PRESETS.items())
     parser = argparse.ArgumentParser(description=f"{__doc__}\npresets:\n{presets}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to write the pipeline to")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="tiny", help="which shapes to build (default: tiny)")
@@ -486,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         path = save_preset_pipeline(args.out_dir, args.preset, args.seed, args.prediction_type, args.overwrite, args.dtype,
-                                    verbose=args.preset != "tiny")
+                                    verbose=not args.preset.startswith("tiny"))
     except ClipVocabularyError as error:
         raise SystemExit(f"error: {error}") from None
     label = "Tiny Stable-Diffusion-shaped" if args.preset == "tiny" else f"Random {args.preset}-shaped"

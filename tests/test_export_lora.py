@@ -157,8 +157,25 @@ def test_a_layer_the_loader_ignores_fails_verification(lora_run: dict, tmp_path:
     broken = tmp_path / "broken.safetensors"
     save_file(renamed, broken)
     with pytest.raises(ExportVerificationError, match=r"up_blocks\.3\.attentions\.2\.transformer_blocks\.0\.attn1\.to_q"):
-        verify_lora_loads(fresh_pipeline(tiny_model_dir), broken, lora_layers(module.unet), lora_layers(module.text_encoder), torch.float32)
+        verify_lora_loads(fresh_pipeline(tiny_model_dir), broken,
+                          {"unet": lora_layers(module.unet), "text_encoder": lora_layers(module.text_encoder)}, torch.float32)
     without_alpha = {k: v for k, v in state.items() if k != "lora_te_text_model_encoder_layers_1_self_attn_v_proj.alpha"}
     save_file(without_alpha, broken)
     with pytest.raises(ExportVerificationError, match=r"1 missing \(lora_te_text_model_encoder_layers_1_self_attn_v_proj\.alpha\)"):
         check_file(broken, state)
+
+
+def test_layers_beyond_attention_load_back_from_the_diffusers_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """diffusers' converter renames attention projections only and its loader reads the layout off the first
+    key: with resnet or MLP targets too, half the adapters were dropped on load. One layout for all keys."""
+    from pdm_lightning.export.lora_diffusers import write_lora_folder
+    from pdm_lightning.training.lora import LoraSettings, add_lora_adapters
+
+    trained = fresh_pipeline(tiny_model_dir)
+    settings = LoraSettings(rank=2, init_lora_weights=False)
+    add_lora_adapters(trained.unet, settings, ["time_emb_proj", "to_q", "proj_in", "ff.net.2"])
+    add_lora_adapters(trained.text_encoder, settings, ["fc1", "q_proj"])
+    expected = {"unet": lora_layers(trained.unet), "text_encoder": lora_layers(trained.text_encoder)}
+    assert any("resnets" in path for path in expected["unet"]) and any("fc1" in path for path in expected["text_encoder"])
+    write_lora_folder(tmp_path / "lora", trained.unet, {"text_encoder": trained.text_encoder})
+    verify_lora_loads(fresh_pipeline(tiny_model_dir), tmp_path / "lora", expected, torch.float32)

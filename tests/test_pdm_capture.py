@@ -77,3 +77,60 @@ def test_capture_errors_name_the_layer(unet_and_inputs) -> None:  # noqa: ANN001
         resolve_layer(unet, "up_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q")
     with QueryCapture(unet) as capture, pytest.raises(RuntimeError, match="No forward pass"):
         capture.pop()
+
+
+# SD1.5's UNet structure (stable-diffusion-v1-5 unet/config.json; the keys the PDM layer rule reads, and the sizes).
+SD15_UNET_CONFIG = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "sample_size": 64,
+}
+SDXL_PDM_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_q"
+
+
+def test_default_layer_rule_gives_the_papers_layer_for_sd15_and_its_analogue_for_sdxl() -> None:
+    from pdm_lightning.pdm.capture import default_pdm_layer, default_pdm_layer_for_config
+    from pdm_lightning.tiny_sdxl import SDXL_UNET_CONFIG
+
+    with torch.device("meta"):
+        sd15, sdxl = UNet2DConditionModel(**SD15_UNET_CONFIG), UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    assert default_pdm_layer(sd15) == default_pdm_layer_for_config(sd15.config) == DEFAULT_PDM_LAYER
+    assert default_pdm_layer(sdxl) == default_pdm_layer_for_config(sdxl.config) == SDXL_PDM_LAYER
+    # SDXL's layer: 640 channels at 1/16 of the image (64 x 64 latent tokens at 1024 px), 10 heads of 64.
+    assert sdxl.get_submodule(SDXL_PDM_LAYER).in_features == 640
+
+
+def test_default_layer_rule_on_the_tiny_models(tiny_model_dir) -> None:  # noqa: ANN001
+    from pdm_lightning.pdm.capture import default_pdm_layer, default_pdm_layer_for_config
+    from pdm_lightning.tiny_sdxl import build_tiny_sdxl_pipeline
+
+    sd = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    assert default_pdm_layer(sd) == default_pdm_layer_for_config(sd.config) == DEFAULT_PDM_LAYER
+    sdxl = build_tiny_sdxl_pipeline().unet
+    assert default_pdm_layer(sdxl) == default_pdm_layer_for_config(sdxl.config) == SDXL_PDM_LAYER
+    # Per-level layers_per_block: the up path reverses it (up block 1 mirrors down block 1).
+    config = {**SD15_UNET_CONFIG, "layers_per_block": [1, 2, 3, 1]}
+    with torch.device("meta"):
+        uneven = UNet2DConditionModel(**config)
+    assert default_pdm_layer(uneven) == default_pdm_layer_for_config(config) == "up_blocks.3.attentions.1.transformer_blocks.0.attn1.to_q"
+    with pytest.raises(ValueError, match="no up block with attention"):
+        default_pdm_layer_for_config({**SD15_UNET_CONFIG, "up_block_types": ["UpBlock2D"] * 4})
+
+
+def test_capture_without_a_layer_uses_the_models_own(tiny_model_dir) -> None:  # noqa: ANN001
+    from pdm_lightning.core.conditioning import encode_prompts, sdxl_time_ids, tokenize, unet_conditioning
+    from pdm_lightning.tiny_sdxl import build_tiny_sdxl_pipeline
+
+    pipeline = build_tiny_sdxl_pipeline()
+    embeddings = encode_prompts((pipeline.text_encoder, pipeline.text_encoder_2),
+                                tokenize((pipeline.tokenizer, pipeline.tokenizer_2), ["a photo of sks dog"]))
+    with QueryCapture(pipeline.unet, None) as capture, torch.no_grad():
+        assert capture.layer == SDXL_PDM_LAYER
+        pipeline.unet(torch.randn(1, 4, 8, 8), torch.tensor([500]),
+                      **unet_conditioning(embeddings, sdxl_time_ids((64, 64), (0, 0), (64, 64))))
+        # Up block 1 of 3 works at half the latent size: 4 x 4 tokens of 64 channels.
+        assert capture.pop().shape == (1, 16, 64)

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
+from pdm_lightning.core.loading import TEXT_ENCODER_NAMES, family_of_pipeline, model_family, pipeline_class, pipeline_options
+
 from pdm_lightning.export.lora_layers import LoraWeights, lora_layers
+from pdm_lightning.export.single_file import fused_tensor_count
 from pdm_lightning.training.nonfinite import first_nonfinite
 
 SHOWN_PER_LIST = 8  # keys listed per category in an error message; the count is always complete
@@ -109,9 +112,11 @@ def check_file(path: Path, expected: Mapping[str, torch.Tensor]) -> None:
 
 
 def verify_pipeline_folder(folder: Path, expected: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """``StableDiffusionPipeline.from_pretrained(folder)`` gives exactly ``expected`` (component -> state dict)."""
+    """``from_pretrained(folder)`` of the folder's pipeline class (StableDiffusionPipeline or
+    StableDiffusionXLPipeline) gives exactly ``expected`` (component -> state dict)."""
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        family = model_family(str(folder))
+        pipeline = pipeline_class(family).from_pretrained(folder, **pipeline_options(family))
     except Exception as error:  # noqa: BLE001 - any failure to load is the finding
         raise ExportVerificationError(f"diffusers cannot load the pipeline folder {folder}: {error}") from error
     for name, state in expected.items():
@@ -128,15 +133,16 @@ def verify_single_file(
     """
     check_file(path, expected_checkpoint)
     try:
-        pipeline = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config_folder), local_files_only=True, safety_checker=None, requires_safety_checker=False
+        family = model_family(str(config_folder))
+        pipeline = pipeline_class(family).from_single_file(
+            str(path), config=str(config_folder), local_files_only=True, **pipeline_options(family)
         )
     except Exception as error:  # noqa: BLE001 - diffusers fails with a bare meta-tensor error on missing keys
         raise ExportVerificationError(f"diffusers' from_single_file cannot load {path}: {type(error).__name__}: {error}") from error
     for name, state in expected.items():
         check_state_dict(state, getattr(pipeline, name).state_dict(), f"{path} via from_single_file ({name})", compare_dtype=False)
     loaded = sum(len(state) for state in expected.values())
-    if loaded != len(expected_checkpoint):
+    if loaded != len(expected_checkpoint) + fused_tensor_count(expected_checkpoint):
         raise ExportVerificationError(
             f"{path} holds {len(expected_checkpoint)} tensors but the pipeline loaded from it has {loaded}: "
             "some keys are ignored by diffusers."
@@ -164,24 +170,29 @@ def lora_differences(expected: Mapping[str, LoraWeights], loaded: Mapping[str, L
 
 
 def verify_lora_loads(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     source: Path,
-    expected_unet: Mapping[str, LoraWeights],
-    expected_text_encoder: Mapping[str, LoraWeights],
+    expected: Mapping[str, Mapping[str, LoraWeights]],
     dtype: torch.dtype,
 ) -> None:
     """``pipeline.load_lora_weights(source)`` adapts exactly the expected layers with the expected weights.
 
+    ``expected`` maps components (``unet``, ``text_encoder``, SDXL's ``text_encoder_2``) to their adapted
+    layers; every LoRA-loadable component of ``pipeline`` that is not in it must stay without adapters.
     ``pipeline`` is a base-model pipeline without adapters; it is left without adapters again.
     """
+    components = ("unet", *TEXT_ENCODER_NAMES[family_of_pipeline(pipeline)])
+    unknown = set(expected) - set(components)
+    if unknown:
+        raise ValueError(f"{type(pipeline).__name__} has no LoRA-loadable {', '.join(sorted(unknown))}")
     adapter = "export_check"
     try:
         pipeline.load_lora_weights(str(source), adapter_name=adapter)
     except Exception as error:  # noqa: BLE001 - any failure to load is the finding
         raise ExportVerificationError(f"diffusers' load_lora_weights cannot load {source}: {type(error).__name__}: {error}") from error
     try:
-        for name, expected in (("unet", expected_unet), ("text_encoder", expected_text_encoder)):
-            differences = lora_differences(expected, lora_layers(getattr(pipeline, name), adapter), dtype)
+        for name in components:
+            differences = lora_differences(expected.get(name, {}), lora_layers(getattr(pipeline, name), adapter), dtype)
             if differences:
                 raise ExportVerificationError(
                     f"{source} does not load back into the {name} as trained (layers): {differences.describe()}."

@@ -15,6 +15,7 @@ from pdm_lightning.export.lora_diffusers import LORA_WEIGHT_NAME, write_lora_fol
 from pdm_lightning.export.lora_kohya import write_kohya_file
 from pdm_lightning.export.export_set import check_export_set, staged_set, write_manifest
 from pdm_lightning.export.lora_layers import LoraWeights, has_lora, lora_layers
+from pdm_lightning.export.parts import base_source, module_family, text_encoders
 from pdm_lightning.export.pipeline import (
     fine_tuned_pipeline,
     merged_lora_pipeline,
@@ -32,7 +33,6 @@ from pdm_lightning.export.verify import (
     verify_single_file,
 )
 from pdm_lightning.core.dtypes import DTYPES
-from pdm_lightning.core.loading import load_pipeline
 
 
 @dataclass
@@ -68,6 +68,13 @@ def check_export_possible(module, options: ExportOptions) -> None:  # noqa: ANN0
     """Fails before training when a requested export cannot be written for this model."""
     if options.single_file and options.wants_pipeline(is_lora_module(module)):
         check_single_file_support(module.unet.config, module.vae.config, module.text_encoder.config)
+
+
+def adapted_layers(module) -> dict[str, dict[str, LoraWeights]]:  # noqa: ANN001 - DreamBoothModule
+    """Component (``unet``, ``text_encoder``, SDXL's ``text_encoder_2``) -> its LoRA layers, for the adapted ones."""
+    layers = {"unet": lora_layers(module.unet)}
+    layers.update({name: lora_layers(encoder) for name, encoder in text_encoders(module).items() if has_lora(encoder)})
+    return layers
 
 
 def export_weights(
@@ -117,32 +124,31 @@ def _lora_tensors(layers: dict[str, LoraWeights], prefix: str, dtype: torch.dtyp
 
 def _export_lora(module, destination: Path, options: ExportOptions, dtype: torch.dtype, written: list[Path]):  # noqa: ANN001, ANN202
     """The LoRA files; returns the merged pipeline when one is asked for, else None."""
-    unet_layers = lora_layers(module.unet)
-    text_encoder_layers = lora_layers(module.text_encoder) if has_lora(module.text_encoder) else {}
+    layers = adapted_layers(module)
+    family = module_family(module)
     require_finite(
-        chain(_lora_tensors(unet_layers, "unet.", dtype), _lora_tensors(text_encoder_layers, "text_encoder.", dtype)),
+        chain.from_iterable(_lora_tensors(component, f"{name}.", dtype) for name, component in layers.items()),
         "the LoRA adapters",
     )
     merge = options.wants_pipeline(is_lora=True)
     base = None  # the base model without adapters, float32: what the LoRA files are loaded into
     if options.verify or merge:
-        hparams = module.hparams
-        base = load_pipeline(hparams.pretrained_model_name_or_path, hparams.revision, hparams.variant, torch.float32)
+        base = base_source(module).pipeline(torch.float32)
         base.set_progress_bar_config(disable=True)
     lora_folder = destination / options.lora_dirname
     if options.lora_folder or merge:  # the merged pipeline is fused from the folder
-        tensors = write_lora_folder(lora_folder, module.unet, module.text_encoder, dtype)
+        tensors = write_lora_folder(lora_folder, module.unet, text_encoders(module), dtype, family)
         if options.verify:
             check_file(lora_folder / LORA_WEIGHT_NAME, tensors)
-            verify_lora_loads(base, lora_folder, unet_layers, text_encoder_layers, dtype)
+            verify_lora_loads(base, lora_folder, layers, dtype)
         written.append(lora_folder)
     if options.lora_kohya:
         kohya_file = destination / options.kohya_file_name()
         base_model = str(module.hparams.pretrained_model_name_or_path)
-        tensors = write_kohya_file(kohya_file, unet_layers, text_encoder_layers, dtype, base_model)
+        tensors = write_kohya_file(kohya_file, layers, dtype, base_model, family, module.unet.config)
         if options.verify:
             check_file(kohya_file, tensors)
-            verify_lora_loads(base, kohya_file, unet_layers, text_encoder_layers, dtype)
+            verify_lora_loads(base, kohya_file, layers, dtype)
         written.append(kohya_file)
     return merged_lora_pipeline(base, lora_folder, dtype) if merge else None
 

@@ -15,10 +15,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pdm_lightning.core.loading import pipeline_options
 from pdm_lightning.generation.files import write_grids, write_image
 from pdm_lightning.generation.jobs import ImageJob, chunked, plan_jobs, unpack_job_batch
 from pdm_lightning.generation.schedulers import make_scheduler, use_scheduler
@@ -26,7 +27,10 @@ from pdm_lightning.generation.settings import GenerationSettings
 
 
 class DiffusionModule(Protocol):
-    """What sampling needs of a module: the Stable Diffusion parts it trains or holds frozen."""
+    """What sampling needs of a module: the Stable Diffusion parts it trains or holds frozen.
+
+    An SDXL module also has ``text_encoder_2`` and ``tokenizer_2`` (None or absent for SD).
+    """
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -41,22 +45,26 @@ class HeldOutput(Protocol):
     output: Any
 
 
-def inference_pipeline(module: DiffusionModule, scheduler: str = "dpmsolver++") -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline that shares the module's modules (no copy, no reload from disk).
+def inference_pipeline(module: DiffusionModule, scheduler: str = "dpmsolver++") -> DiffusionPipeline:
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for a module with ``text_encoder_2``) that
+    shares the module's modules (no copy, no reload from disk).
 
     Whatever the module holds is what samples: LoRA adapters active, fine-tuned weights as they are
     now. The caller owns train/eval mode and the no-grad context (``preserved_training_state``).
     """
-    return StableDiffusionPipeline(
-        vae=module.vae,
-        text_encoder=module.text_encoder,
-        tokenizer=module.tokenizer,
-        unet=module.unet,
-        scheduler=make_scheduler(scheduler, module.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {
+        "vae": module.vae,
+        "text_encoder": module.text_encoder,
+        "tokenizer": module.tokenizer,
+        "unet": module.unet,
+        "scheduler": make_scheduler(scheduler, module.noise_scheduler.config),
+    }
+    text_encoder_2 = getattr(module, "text_encoder_2", None)
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            **parts, text_encoder_2=text_encoder_2, tokenizer_2=module.tokenizer_2, **pipeline_options("sdxl")
+        )
+    return StableDiffusionPipeline(**parts, feature_extractor=None, **pipeline_options("sd"))
 
 
 @contextmanager
@@ -87,9 +95,13 @@ def preserved_training_state(module: torch.nn.Module, held: Sequence[HeldOutput 
 
 
 def sample_images(
-    pipeline: StableDiffusionPipeline, jobs: Sequence[ImageJob], settings: GenerationSettings
+    pipeline: DiffusionPipeline, jobs: Sequence[ImageJob], settings: GenerationSettings
 ) -> list[Image.Image]:
-    """One sampling batch: each job's image from its own generator (same seed, same image, any batch)."""
+    """One sampling batch: each job's image from its own generator (same seed, same image, any batch).
+
+    SD and SDXL pipelines take the same call; SDXL conditions on the image size itself (original and
+    target size = the generated size, no crop).
+    """
     device = pipeline._execution_device
     generators = [torch.Generator(device=device).manual_seed(job.seed) for job in jobs]
     negative = [settings.negative_prompt] * len(jobs) if settings.negative_prompt else None
@@ -140,7 +152,7 @@ def generate_batch(
 
 @torch.no_grad()
 def generate_images(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     prompts: Sequence[str],
     out_dir: str | Path,
     num_images: int = 4,

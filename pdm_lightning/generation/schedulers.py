@@ -5,12 +5,12 @@ from __future__ import annotations
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     SchedulerMixin,
-    StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 
@@ -35,7 +35,7 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
     return cls.from_config(config, **overrides)
 
 
-def use_scheduler(pipeline: StableDiffusionPipeline, name: str) -> StableDiffusionPipeline:
+def use_scheduler(pipeline: DiffusionPipeline, name: str) -> DiffusionPipeline:
     """Swaps the pipeline's sampler for ``name``, keeping its betas and prediction type."""
     pipeline.scheduler = make_scheduler(name, pipeline.scheduler.config)
     return pipeline

@@ -2,15 +2,56 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 # docs/method.md: to_q of the first self-attention of the first transformer block of the last attention
-# module of the last up block (SD1.5 at 512 px: 4096 tokens x 320).
+# module of the last up block (SD1.5 at 512 px: 4096 tokens x 320). ``default_pdm_layer`` generalises it.
 DEFAULT_PDM_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q"
+QUERY_IN_BLOCK = "transformer_blocks.0.attn1.to_q"
+
+
+def _has_attention(block_type: str) -> bool:
+    return "CrossAttn" in block_type or block_type.startswith(("Attn", "SimpleCrossAttn"))
+
+
+def default_pdm_layer_for_config(config: Mapping[str, Any]) -> str:
+    """The PDM layer of a UNet described by its config (no weights needed): see ``default_pdm_layer``.
+
+    Up blocks run from the lowest resolution to the highest, so the highest-resolution up block with
+    attention is the last such block; an up block has ``layers_per_block + 1`` layers (diffusers reverses
+    a per-level ``layers_per_block`` for the up path).
+    """
+    up_types = list(config["up_block_types"])
+    with_attention = [index for index, block_type in enumerate(up_types) if _has_attention(block_type)]
+    if not with_attention:
+        raise ValueError("The UNet has no up block with attention: there is no query projection for PDM to capture.")
+    level = with_attention[-1]
+    layers = config["layers_per_block"]
+    per_level = list(reversed(layers)) if isinstance(layers, (list, tuple)) else [layers] * len(up_types)
+    return f"up_blocks.{level}.attentions.{per_level[level]}.{QUERY_IN_BLOCK}"
+
+
+def default_pdm_layer(unet: torch.nn.Module) -> str:
+    """The self-attention query (``attn1.to_q``) of the first transformer block of the last attention module
+    of the highest-resolution up block that has attention.
+
+    SD1.5: ``up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q`` (the paper's layer, DEFAULT_PDM_LAYER);
+    SDXL base: ``up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_q`` (SDXL's last up block has no
+    attention; using it for PDM is this project's extension, not the paper's). Read from the modules, so
+    any UNet2DConditionModel layout gets its own layer.
+    """
+    up_blocks = unet.get_submodule("up_blocks")
+    for level in reversed(range(len(up_blocks))):
+        attentions = getattr(up_blocks[level], "attentions", None)
+        if attentions:
+            layer = f"up_blocks.{level}.attentions.{len(attentions) - 1}.{QUERY_IN_BLOCK}"
+            resolve_layer(unet, layer)
+            return layer
+    raise ValueError("The UNet has no up block with attention: there is no query projection for PDM to capture.")
 
 
 def resolve_layer(model: torch.nn.Module, layer: str) -> torch.nn.Module:
@@ -26,7 +67,7 @@ def resolve_layer(model: torch.nn.Module, layer: str) -> torch.nn.Module:
 
 
 class QueryCapture:
-    """A forward hook on ``layer`` of ``model`` that keeps the layer's latest output.
+    """A forward hook on ``layer`` of ``model`` (None: ``default_pdm_layer``) that keeps the layer's latest output.
 
     Register it AFTER any LoRA injection: peft replaces ``to_q`` by a wrapper whose output includes
     the adapter's delta, and the original Linear becomes the wrapper's ``base_layer``. A hook taken
@@ -34,9 +75,9 @@ class QueryCapture:
     (the student's query must backpropagate); the teacher runs under ``torch.no_grad``.
     """
 
-    def __init__(self, model: torch.nn.Module, layer: str = DEFAULT_PDM_LAYER) -> None:
-        self.layer = layer
-        self.module = resolve_layer(model, layer)
+    def __init__(self, model: torch.nn.Module, layer: str | None = DEFAULT_PDM_LAYER) -> None:
+        self.layer = layer if layer is not None else default_pdm_layer(model)  # None: the model's own PDM layer
+        self.module = resolve_layer(model, self.layer)
         self.output: torch.Tensor | None = None
         self._handle = self.module.register_forward_hook(self._keep)
 
