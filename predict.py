@@ -38,7 +38,7 @@ DEFAULTS = GenerationSettings()
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("model (exactly one of --pipeline, --lora, --checkpoint)")
-    source.add_argument("--pipeline", help="exported pipeline folder (<run>/export/pipeline) or a diffusers SD folder")
+    source.add_argument("--pipeline", help="exported pipeline folder (<run>/export/pipeline) or a diffusers SD / SDXL folder")
     source.add_argument("--lora", help="LoRA folder or .safetensors file (diffusers or kohya), on the base model; "
                         "a .bin is read weights-only (tensors, never code)")
     source.add_argument("--checkpoint", help="training checkpoint (<run>/checkpoints/*.ckpt)")

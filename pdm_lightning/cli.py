@@ -97,9 +97,12 @@ class SaveFitConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-def model_source(pretrained_model_name_or_path: str, revision: str | None, variant: str | None) -> dict[str, str | None]:
-    """The model's three base-model options as the data module's ``base_model`` record."""
-    return {"pretrained_model_name_or_path": pretrained_model_name_or_path, "revision": revision, "variant": variant}
+def model_source(
+    pretrained_model_name_or_path: str, revision: str | None, variant: str | None, vae_name_or_path: str | None = None
+) -> dict[str, str | None]:
+    """The model's base-model options as the data module's ``base_model`` record."""
+    return {"pretrained_model_name_or_path": pretrained_model_name_or_path, "revision": revision, "variant": variant,
+            "vae_name_or_path": vae_name_or_path}
 
 
 class PDMLightningCLI(LightningCLI):
@@ -109,7 +112,9 @@ class PDMLightningCLI(LightningCLI):
         # The base model is named once, on the model; the data module needs it for the tokenizer, the
         # class images and the bank. The PDM settings too: the data module builds the matching chunk.
         parser.link_arguments(
-            ("model.pretrained_model_name_or_path", "model.revision", "model.variant"), "data.base_model", compute_fn=model_source
+            ("model.pretrained_model_name_or_path", "model.revision", "model.variant", "model.vae_name_or_path"),
+            "data.base_model",
+            compute_fn=model_source,
         )
         parser.link_arguments("model.pdm", "data.pdm")
         # The mask switches are set with the masks (the data module prepares only the masks they need).

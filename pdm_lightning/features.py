@@ -22,7 +22,7 @@ from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.core.images import validate_image_folder
 from pdm_lightning.core.dtypes import DTYPES
 from pdm_lightning.pdm.bank import MODES, STORAGE_DTYPES, BankSettings, QueryBank, build_bank
-from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER
+from pdm_lightning.pdm.capture import default_pdm_layer_for_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="base model: local diffusers folder or hub id")
     parser.add_argument("--revision", default=None, help="hub revision of the base model")
     parser.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
+    parser.add_argument(
+        "--vae_name_or_path", default=None,
+        help="a VAE replacing the base model's (as --model.vae_name_or_path), e.g. madebyollin/sdxl-vae-fp16-fix",
+    )
     parser.add_argument("--instance_data_dir", required=True, help="folder of the subject's photos (read only)")
     parser.add_argument("--class_prompt", required=True, help='the prompt the inversion is conditioned on, e.g. "a photo of dog"')
     parser.add_argument("--resolution", type=int, required=True, help="training resolution (each image's center crop)")
@@ -45,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=MODES, default="bank",
         help="bank: queries; latents: reconstruction latents only (on-the-fly targets); both",
     )
-    parser.add_argument("--layer", default=DEFAULT_PDM_LAYER, help="module path of the captured query projection")
+    parser.add_argument(
+        "--layer", default=None,
+        help="module path of the captured query projection (default: the model's own by the rule of docs/pdm.md: "
+        "SD1.5's up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q, SDXL's up_blocks.1.attentions.2...)",
+    )
     parser.add_argument("--batch_size", type=int, default=1, help="images inverted together (one UNet call per step)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--compute_dtype", choices=tuple(DTYPES), default="float32", help="dtype the models run in")
@@ -65,23 +73,25 @@ def check_out_folder(out: Path, instance_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from pdm_lightning.core.loading import check_model_source
+    from pdm_lightning.core.loading import ModelSource
 
     try:
         images = validate_image_folder(args.instance_data_dir, "--instance_data_dir", args.resolution)
         check_out_folder(Path(args.out), Path(args.instance_data_dir))
-        check_model_source(args.pretrained_model_name_or_path, args.revision)
+        source = ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.vae_name_or_path)
+        source.check()
         settings = BankSettings(
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
             class_prompt=args.class_prompt,
             resolution=args.resolution,
             revision=args.revision,
             variant=args.variant,
-            layer=args.layer,
+            layer=args.layer or default_pdm_layer_for_config(source.unet_config()),
             inversion_steps=args.inversion_steps,
             dtype=args.dtype,
             mode=args.mode,
             compute_dtype=args.compute_dtype,
+            vae_name_or_path=args.vae_name_or_path,
         )
         start = time.perf_counter()
         report = build_bank(

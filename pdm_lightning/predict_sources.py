@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 
 from pdm_lightning.core.errors import InputDataError
@@ -29,8 +29,8 @@ def _existing(path: str | Path, role: str, fix: str) -> Path:
     return path
 
 
-def pipeline_from_folder(pipeline_dir: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """An exported pipeline folder (``<run>/export/pipeline``) or any diffusers SD folder."""
+def pipeline_from_folder(pipeline_dir: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """An exported pipeline folder (``<run>/export/pipeline``) or any diffusers SD or SDXL folder."""
     path = _existing(pipeline_dir, "--pipeline", "point it at <run>/export/pipeline or a diffusers folder.")
     check_model_source(str(path))
     return load_pipeline(str(path), dtype=dtype)
@@ -38,7 +38,7 @@ def pipeline_from_folder(pipeline_dir: str | Path, dtype: torch.dtype = torch.fl
 
 def pipeline_with_lora(
     pretrained_model_name_or_path: str, lora: str | Path, dtype: torch.dtype = torch.float32
-) -> StableDiffusionPipeline:
+) -> DiffusionPipeline:
     """The base model with LoRA weights: a diffusers LoRA folder (``pytorch_lora_weights.safetensors``)
     or a single ``.safetensors`` file (diffusers or kohya layout; diffusers converts kohya keys)."""
     weights = lora_weights_file(_existing(lora, "--lora", "give the exported LoRA folder or a .safetensors file."))
@@ -200,7 +200,7 @@ def pipeline_from_checkpoint(
     checkpoint: str | Path,
     pretrained_model_name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> StableDiffusionPipeline:
+) -> DiffusionPipeline:
     """A pipeline over the checkpoint's module (LoRA adapters active, if it trained LoRA)."""
     module = drop_training_parts(module_from_checkpoint(checkpoint, pretrained_model_name_or_path))
     if any(p.dtype != dtype for p in module.parameters()):
@@ -214,7 +214,7 @@ def build_pipeline(
     lora: str | Path | None = None,
     checkpoint: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[StableDiffusionPipeline, str]:
+) -> tuple[DiffusionPipeline, str]:
     """The pipeline for exactly one source, and a description of it for the images' metadata."""
     chosen = [name for name, value in (("--pipeline", pipeline_dir), ("--lora", lora), ("--checkpoint", checkpoint))
               if value]

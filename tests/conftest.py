@@ -66,6 +66,14 @@ def clip_tokenizer_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_mode
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL-shaped pipeline (epsilon prediction), saved once and loaded through from_pretrained."""
+    from pdm_lightning.tiny import save_preset_pipeline
+
+    return save_preset_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "tiny-sdxl")
+
+
 @pytest.fixture
 def instance_dir(tmp_path: Path) -> Path:
     """A writable copy of the bundled example subject (5 photos, 256 px)."""

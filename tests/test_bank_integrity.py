@@ -127,7 +127,7 @@ def test_a_row_damaged_during_training_is_an_error_naming_file_and_row(
     teacher = PDMTeacher(
         PDMSettings(inversion_steps=STEPS, dtype="float32", features_dir=str(tmp_path / "bank")), ModelSource(str(tiny_model_dir))
     )
-    entries = teacher.entries(images, CLASS_PROMPT, RESOLUTION, tokenizer=None)
+    entries = teacher.entries(images, CLASS_PROMPT, RESOLUTION)
     timestep = entries.timesteps[DAMAGED_ROW]
     before = entries.item(1, timestep)["queries"].clone()
     damage(bank_file(tmp_path / "bank", images[1]))  # after the bank was opened and checked
@@ -183,8 +183,8 @@ def test_subjects_whose_photos_share_names_keep_their_own_cache_files(
     assert [prepare(dog), prepare(cat), prepare(dog), prepare(cat)] == [(2, 0), (2, 0), (0, 2), (0, 2)]
     folder = teacher.bank_folder(CLASS_PROMPT, RESOLUTION)
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{fingerprint.file_sha256(p)}.safetensors" for p in dog + cat)
-    dog_bank = teacher.entries(dog, CLASS_PROMPT, RESOLUTION, tokenizer=None).bank
-    cat_bank = teacher.entries(cat, CLASS_PROMPT, RESOLUTION, tokenizer=None).bank
+    dog_bank = teacher.entries(dog, CLASS_PROMPT, RESOLUTION).bank
+    cat_bank = teacher.entries(cat, CLASS_PROMPT, RESOLUTION).bank
     assert [m["image_sha256"] for m in dog_bank.metadata] == [fingerprint.file_sha256(p) for p in dog]
     assert not torch.equal(dog_bank.queries([0], [999]), cat_bank.queries([0], [999]))
 

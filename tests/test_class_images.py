@@ -23,6 +23,7 @@ from pdm_lightning.prepare.class_images import (
     folder_lock,
     generate_class_images,
     list_class_images,
+    slot_batches,
 )
 from pdm_lightning.core.loading import load_pipeline
 
@@ -56,10 +57,16 @@ class CountingLoader:
         return pipeline
 
 
-def generate(class_dir: Path, number: int, loader: CountingLoader, settings: ClassImageGeneration = SETTINGS) -> int:
-    return generate_class_images(
-        class_dir, "a photo of dog", number, loader, settings, resolution=64, base_model="tiny", revision=None
+def generate(
+    class_dir: Path, number: int, loader: CountingLoader, settings: ClassImageGeneration = SETTINGS, rank: int = 0, world_size: int = 1
+) -> int:
+    """How many images the top-up generated (it returns their names)."""
+    made = generate_class_images(
+        class_dir, "a photo of dog", number, loader, settings, resolution=64, base_model="tiny", revision=None,
+        rank=rank, world_size=world_size, progress=False,
     )
+    assert all((class_dir / name).is_file() for name in made)
+    return len(made)
 
 
 def pngs(class_dir: Path) -> list[str]:
@@ -140,6 +147,37 @@ def test_other_settings_are_reported_not_deleted(tmp_path: Path, tiny_model_dir:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(class_dir, 2, CountingLoader(tiny_model_dir))  # same settings: silent
+
+
+def test_batches_follow_slot_numbers() -> None:
+    assert slot_batches([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
+    # Holes (deleted images, another batch size earlier) do not shift later batches.
+    assert slot_batches([1, 4, 5, 6, 9], 4) == [[1], [4, 5, 6], [9]]
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)], ids=["rank0_first", "rank1_first"])
+def test_ranks_split_the_batches_and_make_the_files_of_one_process(
+    tmp_path: Path, tiny_model_dir: Path, order: tuple[int, int]
+) -> None:
+    """Two ranks sharing the folder generate half each; together: byte for byte the images (and records) of one process."""
+    single = tmp_path / "single"
+    generate(single, 5, CountingLoader(tiny_model_dir))
+
+    split = tmp_path / "split"
+    made = {}
+    for rank in order:  # whichever rank comes first, each keeps to its own batches
+        loader = CountingLoader(tiny_model_dir)
+        made[rank] = generate(split, 5, loader, rank=rank, world_size=2)
+        assert loader.batches == {0: 2, 1: 1}[rank]  # batches (slots 0-1, 4) and (slots 2-3)
+    assert made == {0: 3, 1: 2}
+    assert folder_snapshot(split) == folder_snapshot(single)
+
+
+def test_a_rank_with_nothing_left_loads_no_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    class_dir = tmp_path / "class"
+    generate(class_dir, 2, CountingLoader(tiny_model_dir))  # slots 0-1: batch 0, rank 0's
+    idle = CountingLoader(tiny_model_dir)
+    assert generate(class_dir, 2, idle, rank=1, world_size=2) == 0 and idle.loads == 0
 
 
 # ---------------------------------------------------------------------------------------------- concurrent runs

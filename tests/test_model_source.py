@@ -17,7 +17,6 @@ from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.core.loading import check_model_source, load_pipeline, model_family
 from pdm_lightning.core.loading import ModelSource
 from pdm_lightning.tiny_sdxl import TINY_SDXL_VAE_CONFIG
-from sdxl_fixtures import tiny_sdxl_model_dir  # noqa: F401 - fixture
 
 
 def test_valid_local_folder_passes(tiny_model_dir: Path) -> None:

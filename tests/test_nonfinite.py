@@ -105,7 +105,8 @@ class NanUpdateAt(L.Callback):
 
 
 def fit_with(run: Path, model_dir: Path, instance_dir: Path, callback: L.Callback | None, *overrides: str):  # noqa: ANN201
-    cli = build_cli(run, model_dir, instance_dir, "--model.learning_rate", "1e-3", *overrides)
+    # Per-step encoding, so that the callbacks can poison the pixels the step encodes.
+    cli = build_cli(run, model_dir, instance_dir, "--model.learning_rate", "1e-3", "--model.cache_latents", "false", *overrides)
     if callback is not None:
         cli.trainer.callbacks.append(callback)
     return cli

@@ -8,6 +8,7 @@ bank is built once per module.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -201,7 +202,7 @@ def test_on_the_fly_targets_equal_bank_targets(faithful_bank: dict, micro_model_
     query = unet_query_fn(micro_components.unet, condition, MICRO_LAYER)
     torch.testing.assert_close(query(latents, timesteps), expected, rtol=1e-4, atol=1e-5)
     # Training passes the condition stacked per element ([B, 77, d], as collated): same targets.
-    stacked = unet_query_fn(micro_components.unet, condition.expand(4, -1, -1).clone(), MICRO_LAYER)
+    stacked = unet_query_fn(micro_components.unet, condition.encoder_hidden_states.expand(4, -1, -1).clone(), MICRO_LAYER)
     torch.testing.assert_close(stacked(latents, timesteps), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -330,3 +331,132 @@ def test_bank_reader_survives_pickling(faithful_bank: dict, two_images) -> None:
     bank = open_bank(faithful_bank["folder"], two_images)
     copy: QueryBank = pickle.loads(pickle.dumps(bank))
     torch.testing.assert_close(copy.queries([1], [3]), bank.queries([1], [3]))
+
+
+# ---------------------------------------------------------------------------------------------- how the UNet runs
+
+
+def file_rows(folder: Path, image: Path, name: str = "queries") -> torch.Tensor:
+    with safe_open(str(folder / f"{image.stem}.safetensors"), framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def test_traced_unet_builds_the_eager_bank_bit_for_bit(
+    micro_model_dir: Path, micro_components, two_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pdm_lightning.pdm import query_unet
+
+    settings = micro_settings(micro_model_dir, inversion_steps=4)
+    traces = []
+    trace = query_unet._trace
+    monkeypatch.setattr(query_unet, "_trace", lambda *args: traces.append(1) or trace(*args))
+    options = {"batch_size": 2, "device": "cpu", "progress": False, "components": micro_components}
+    build_bank(settings, two_images, tmp_path / "eager", **options)  # 9 calls: too few to trace
+    assert traces == []
+    monkeypatch.setattr(query_unet, "MIN_CALLS_TO_TRACE", 0)
+    with caplog.at_level(logging.INFO, logger=query_unet.__name__):
+        build_bank(settings, two_images, tmp_path / "traced", **options)
+    assert traces == [1] and "eagerly" not in caplog.text  # one trace (one batch shape), kept
+    for image in two_images:
+        name = f"{image.stem}.safetensors"
+        assert (tmp_path / "traced" / name).read_bytes() == (tmp_path / "eager" / name).read_bytes()
+
+    # A hook on the UNet would be skipped by a trace: the UNet then runs eagerly, and the hook sees every call.
+    counter = CallCounter(micro_components.unet)
+    with caplog.at_level(logging.INFO, logger=query_unet.__name__):
+        report = build_bank(settings, two_images[:1], tmp_path / "hooked", **options)
+    counter.handle.remove()
+    assert counter.calls == report.unet_calls == 9 and traces == [1]
+    assert "forward hooks" in caplog.text
+
+
+def test_batch_of_one_and_batched_rows_agree_to_float_rounding(
+    micro_model_dir: Path, micro_components, two_images, tmp_path: Path
+) -> None:
+    """The same rows whatever the batch, up to float32 rounding (measured: 2.5e-5 at most over 10 steps): a
+    batched matmul or convolution need not round exactly as the same call on one image does (CPU kernels
+    block by problem size), so batched rows are not bit for bit those of a batch of one."""
+    settings = micro_settings(micro_model_dir, inversion_steps=10)
+    options = {"device": "cpu", "progress": False, "components": micro_components}
+    build_bank(settings, two_images, tmp_path / "one", batch_size=1, **options)
+    build_bank(settings, two_images, tmp_path / "two", batch_size=2, **options)
+    for image in two_images:
+        for name in ("queries", "latents"):
+            single, batched = file_rows(tmp_path / "one", image, name), file_rows(tmp_path / "two", image, name)
+            assert single.shape == batched.shape
+            for row in range(len(single)):
+                assert relative_error(batched[row], single[row]) < 1e-4, (image.name, name, row)
+    # Far below what tells the two photos apart.
+    assert relative_error(file_rows(tmp_path / "two", two_images[1])[5], file_rows(tmp_path / "one", two_images[0])[5]) > 1e-2
+
+
+def test_progress_bar_counts_calls_and_names_the_photos(
+    micro_model_dir: Path, micro_components, two_images, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = micro_settings(micro_model_dir, inversion_steps=2, mode="bank")
+    build_bank(settings, two_images, tmp_path, batch_size=1, device="cpu", components=micro_components)
+    err = capsys.readouterr().err
+    assert "PDM teacher bank: photo 1/2" in err and "PDM teacher bank: photo 2/2" in err
+    assert "10/10" in err and "call" in err  # 2 photos x (2 + 3) UNet calls
+
+
+def test_compiled_unet_builds_the_eager_bank_to_float_rounding_under_the_same_cache_key(
+    micro_model_dir: Path, micro_components, two_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled path: Dynamo captures the call with the capture hook inside it. AOT-eager stands in for
+    inductor here (the same graph capture and guards, without minutes of C++ code generation on a 2-core CPU;
+    with inductor this test passes too, in 140 s). The cache treats compiled and eager rows as one bank."""
+    compiled_with = []
+    compile_function = torch.compile
+
+    def aot_eager(model, **options):  # noqa: ANN001, ANN202
+        compiled_with.append(options)
+        return compile_function(model, **{**options, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    settings = micro_settings(micro_model_dir, inversion_steps=2, mode="bank")
+    options = {"batch_size": 2, "device": "cpu", "progress": False, "components": micro_components}
+    build_bank(settings, two_images, tmp_path / "eager", **options)
+    assert compiled_with == []
+    try:
+        report = build_bank(settings, two_images, tmp_path / "compiled", compile_unet=True, **options)
+    finally:
+        torch._dynamo.reset()
+    assert compiled_with == [{"mode": None, "dynamic": False}]  # CUDA graphs ("reduce-overhead") on CUDA only
+    assert report.unet_calls == 5
+    for image in two_images:
+        torch.testing.assert_close(
+            file_rows(tmp_path / "compiled", image), file_rows(tmp_path / "eager", image), rtol=1e-4, atol=1e-5
+        )
+    cache = tmp_path / "cache"
+    ensure_cached_bank(settings, two_images, cache, **options)
+    again = ensure_cached_bank(settings, two_images, cache, compile_unet=True, **options)
+    assert (again.computed, again.unet_calls) == (0, 0)
+
+
+FIDELITY_BAR = 5e-3  # relative error per row the issue asks of a half-precision bank
+
+
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
+def test_half_precision_bank_error_against_float32(tiny_model_dir: Path, two_images, tmp_path: Path, compute_dtype: str) -> None:
+    """Per row, ||q_half - q_fp32|| / ||q_fp32|| on a one-step inversion of the tiny model (queries stored in float32).
+
+    Measured here: bfloat16 5.6e-2 mean, 6.1e-2 max; float16 6.7e-3 mean, 7.7e-3 max. Neither meets the 5e-3
+    bar: one bfloat16 UNet call alone is off by about 2e-2 (an 8-bit mantissa), float16 by 2.5e-3, and the
+    VAE encode in the same dtype adds to it (docs: float32 compute, the default, for a faithful bank). What is
+    asserted is that error: of the order of the dtype's rounding, so a wrong row (another timestep or photo,
+    a cast gone wrong) still fails.
+    """
+    components = load_components(str(tiny_model_dir))
+    rows = {}
+    for dtype in ("float32", compute_dtype):
+        settings = BankSettings(str(tiny_model_dir), CLASS_PROMPT, RESOLUTION, inversion_steps=1, dtype="float32",
+                                compute_dtype=dtype)
+        build_bank(settings, two_images[:1], tmp_path / dtype, device="cpu", progress=False, components=components)
+        rows[dtype] = file_rows(tmp_path / dtype, two_images[0])
+    errors = [relative_error(half, full) for half, full in zip(rows[compute_dtype], rows["float32"])]
+    rounding = torch.finfo(getattr(torch, compute_dtype)).eps / 2  # the unit roundoff: 2^-9 and 2^-12
+    assert len(errors) == 2 and max(errors) < 40 * rounding, errors
+    if compute_dtype == "bfloat16":
+        assert min(errors) > FIDELITY_BAR  # documented above: bfloat16 does not meet the bar

@@ -53,7 +53,7 @@ def test_each_batch_element_uses_its_own_bank_row_timestep_and_mask(
     batch = collate_examples(examples)
 
     seen: dict[str, torch.Tensor] = {}
-    layer = module.unet.get_submodule(module.pdm.layer)
+    layer = module.unet.get_submodule(module.pdm_teacher.layer)  # the rule's layer: SD1.5's is the paper's
     layer.register_forward_hook(lambda _m, _a, out: seen.__setitem__("queries", out.detach()))
     module.unet.register_forward_pre_hook(
         lambda _m, args: seen.__setitem__("timesteps", args[1].detach().clone())

@@ -24,7 +24,6 @@ from pdm_lightning.export.weights import ExportOptions, adapted_layers, check_ex
 from pdm_lightning.generation.sampling import inference_pipeline
 from pdm_lightning.generation.schedulers import make_scheduler
 from pdm_lightning.training.lora import LoraSettings, add_lora_adapters
-from sdxl_fixtures import tiny_sdxl_model_dir  # noqa: F401 - fixture
 
 PROMPT = "a photo of sks dog"
 KOHYA_FILE = "pdm_lightning_lora.safetensors"

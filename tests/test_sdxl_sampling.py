@@ -15,7 +15,6 @@ from pdm_lightning.core.loading import ModelSource, load_pipeline
 from pdm_lightning.generation.jobs import job_batch, plan_jobs
 from pdm_lightning.generation.sampling import generate_batch, generate_from_module, generate_images, inference_pipeline
 from pdm_lightning.generation.settings import GenerationSettings
-from sdxl_fixtures import tiny_sdxl_model_dir  # noqa: F401 - fixture
 
 SETTINGS = GenerationSettings(num_inference_steps=2, scheduler="ddim", height=64, width=64)
 

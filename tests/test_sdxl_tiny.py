@@ -19,7 +19,6 @@ from pdm_lightning.tiny_sdxl import (
     parameter_counts,
     sdxl_meta_parameter_counts,
 )
-from sdxl_fixtures import tiny_sdxl_model_dir  # noqa: F401 - fixture
 
 
 def test_published_sdxl_shapes_give_the_published_parameter_counts() -> None:

@@ -40,7 +40,7 @@ class ExportWeights(L.Callback):
         pipeline: write the diffusers pipeline folder. Default (null): yes for a full fine-tune, no
             for LoRA; true with LoRA writes the base model with the LoRA fused in.
         single_file: with the pipeline folder, also write it as one ``<name>.safetensors`` in the
-            original Stable Diffusion key layout (SD1.x models).
+            original Stable Diffusion key layout (SD1.x and SDXL models).
         lora_folder: LoRA runs: the diffusers LoRA folder (always written when a merged pipeline is asked for).
         lora_kohya: LoRA runs: ``<name>_lora.safetensors`` in the kohya / AUTOMATIC1111 key layout.
         name: file name stem of the single-file checkpoint and of the kohya LoRA.

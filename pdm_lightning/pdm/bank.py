@@ -28,11 +28,12 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from pdm_lightning.data.crops import load_training_image
+from pdm_lightning.core.conditioning import PromptEmbeddings, encode_prompts, tokenize
 from pdm_lightning.core.dtypes import DTYPES
+from pdm_lightning.data.crops import centre_crop_time_ids, load_training_image
 from pdm_lightning.core.errors import InputDataError
-from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture
-from pdm_lightning.pdm.fingerprint import file_sha256, model_fingerprint
+from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER
+from pdm_lightning.pdm.fingerprint import file_sha256, model_fingerprint, vae_fingerprint
 from pdm_lightning.pdm.integrity import (
     BankDamagedError,
     ChecksummedSafetensors,
@@ -45,6 +46,7 @@ from pdm_lightning.pdm.integrity import (
     is_checksum,
 )
 from pdm_lightning.pdm.inversion import invert_and_reconstruct, trajectory_timesteps
+from pdm_lightning.pdm.query_unet import QueryUNet, choose_mode
 from pdm_lightning.pdm.storage import read_metadata, remove_dead_partials
 
 _log = logging.getLogger(__name__)
@@ -75,11 +77,15 @@ class BankSettings:
         class_prompt: the prompt the inversion is conditioned on (the method's: the class prompt).
         resolution: training resolution; each image's center crop at this size is inverted.
         revision / variant: of the base model.
-        layer: module path of the captured query projection inside the UNet.
+        layer: module path of the captured query projection inside the UNet (a concrete path: the
+            rule's layer is resolved by ``PDMSettings.bank_settings``).
         inversion_steps: None (faithful: 999 steps, a row for every t = 0..999) or fewer.
         dtype: storage dtype of ``queries`` (latents are always stored in float32).
         mode: ``bank`` (queries), ``latents`` (latents only, for on-the-fly targets) or ``both``.
-        compute_dtype: dtype the frozen UNet, VAE and text encoder run in during extraction.
+        compute_dtype: dtype the frozen UNet, VAE and text encoders run in during extraction (an SDXL VAE
+            that asks for ``force_upcast`` stays float32 when this is float16, as in diffusers' pipelines).
+        vae_name_or_path: a VAE replacing the base model's (``--model.vae_name_or_path``): it makes the
+            clean latents, so its fingerprint joins the cache key (only when set: keys without it are unchanged).
     """
 
     pretrained_model_name_or_path: str
@@ -92,6 +98,7 @@ class BankSettings:
     dtype: Literal["float16", "float32"] = "float16"
     mode: Literal["bank", "latents", "both"] = "bank"
     compute_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    vae_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -113,28 +120,43 @@ class BankSettings:
     def stores_latents(self) -> bool:
         return self.mode in ("latents", "both")
 
-    def metadata(self, model: str) -> dict[str, str]:
+    def metadata(self, model: str, vae: str | None = None) -> dict[str, str]:
         """The settings as the strings stored in (and compared against) each file's header.
 
-        ``model`` is the model fingerprint; the model path itself is informative only (a folder
-        can move without changing the bank) and is not compared.
+        ``model`` is the model fingerprint and ``vae`` the replacement VAE's (``fingerprinted_metadata``
+        computes both); the paths themselves are informative only (a folder can move without changing
+        the bank) and are not compared.
         """
         values = asdict(self)
-        values.pop("pretrained_model_name_or_path")
-        values.pop("revision")
-        values.pop("variant")
+        for informative in ("pretrained_model_name_or_path", "revision", "variant", "vae_name_or_path"):
+            values.pop(informative)
         values["inversion_steps"] = "faithful" if self.inversion_steps is None else str(self.inversion_steps)
+        if (vae is None) != (self.vae_name_or_path is None):
+            raise ValueError("Give the replacement VAE's fingerprint exactly when vae_name_or_path is set.")
         return {
             "format": BANK_FORMAT,
             "model": model,
+            **({"vae": vae} if vae is not None else {}),
             "crop": "center",
             **{key: str(value) for key, value in values.items()},
         }
 
-    def key(self, model: str) -> str:
+    def key(self, model: str, vae: str | None = None) -> str:
         """A short hash of the settings: the cache folder's name."""
-        text = "\n".join(f"{k}={v}" for k, v in sorted(self.metadata(model).items()))
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        return metadata_key(self.metadata(model, vae))
+
+
+def metadata_key(metadata: dict[str, str]) -> str:
+    """A short hash of a bank's settings metadata: the cache folder's name."""
+    text = "\n".join(f"{k}={v}" for k, v in sorted(metadata.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def fingerprinted_metadata(settings: BankSettings, memo_file: Path | None = None) -> dict[str, str]:
+    """``settings.metadata`` with the fingerprints of the base model (and of the replacement VAE) computed."""
+    model = model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant, memo_file)
+    vae = vae_fingerprint(settings.vae_name_or_path, memo_file) if settings.vae_name_or_path is not None else None
+    return settings.metadata(model, vae)
 
 
 def bank_file(folder: Path, image: Path, naming: Naming = "stem") -> Path:
@@ -172,13 +194,15 @@ def metadata_differences(found: dict[str, str], expected: dict[str, str]) -> lis
 
 @dataclass
 class BuildReport:
-    """What ``build_bank`` did: the files of this shard, and how many it computed versus found."""
+    """What ``build_bank`` did: the files of this shard (rank ``rank`` of ``world_size``), and how many it computed versus found."""
 
     folder: Path
     files: list[Path]
     computed: int
     reused: int
     unet_calls: int
+    rank: int = 0
+    world_size: int = 1
 
 
 def build_bank(
@@ -195,6 +219,7 @@ def build_bank(
     progress: bool = True,
     components: object | None = None,
     memo_file: Path | None = None,
+    compile_unet: bool = False,
 ) -> BuildReport:
     """Writes the bank file of every image of this shard into ``folder``, skipping finished ones.
 
@@ -205,7 +230,8 @@ def build_bank(
     (``"replace"``, for the cache). ``naming`` is how files are named (``bank_file``). Rank ``r`` of
     ``world_size`` handles images r, r + W, ...; the caller waits for all ranks (a barrier) before
     opening the bank. The models are loaded only when there is work (``components``: an already
-    loaded StableDiffusionComponents).
+    loaded StableDiffusionComponents). ``compile_unet``: run the UNet through ``torch.compile``
+    (pdm.query_unet; rows then match the eager ones to float rounding, under the same cache key).
     """
     images = [Path(p) for p in images]
     if not images:
@@ -214,29 +240,35 @@ def build_bank(
         check_distinct_stems(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     remove_dead_partials(folder)
-    base = settings.metadata(
-        model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant, memo_file)
-    )
+    base = fingerprinted_metadata(settings, memo_file)
     mine = images[rank::world_size]
     files = [bank_file(folder, image, naming) for image in mine]
     # The same photo twice (content naming) is one file, built once.
     jobs = list({target: (image, target, {**base, **image_metadata(image)}) for image, target in zip(mine, files)}.values())
     todo = _jobs_to_build(jobs, on_mismatch)
+    shard = {"rank": rank, "world_size": world_size}
     if not todo:
-        return BuildReport(folder, files, computed=0, reused=len(mine), unet_calls=0)
+        return BuildReport(folder, files, computed=0, reused=len(mine), unet_calls=0, **shard)
 
-    extractor = BankExtractor(settings, components, device)
+    extractor = BankExtractor(settings, components, device, compile_unet=compile_unet)
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    who = f" (rank {rank} of {world_size})" if world_size > 1 else ""
     # Released also after an error or interrupt: the capture hook would otherwise stay on the UNet.
     try:
         with tqdm(
-            total=len(batches) * extractor.calls_per_batch, desc=f"PDM teacher bank ({len(todo)} images)", unit="call",
+            total=len(batches) * extractor.calls_per_batch, desc=f"PDM teacher bank{who}", unit="call",
             disable=not progress, dynamic_ncols=True,
         ) as bar:
+            done = 0
             for batch in batches:
+                first, last = done + 1, done + len(batch)
+                bar.set_description(f"PDM teacher bank{who}: photo {first}{f'-{last}' if last > first else ''}/{len(todo)}")
+                done = last
                 # Another process may have finished some of these meanwhile.
                 batch = [job for job in batch if not _file_matches(job[1], job[2])]
                 if batch:
@@ -245,7 +277,9 @@ def build_bank(
                     bar.update(extractor.calls_per_batch)
     finally:
         extractor.release()
-    return BuildReport(folder, files, computed=len(todo), reused=len(mine) - len(todo), unet_calls=extractor.unet_calls)
+    return BuildReport(
+        folder, files, computed=len(todo), reused=len(mine) - len(todo), unet_calls=extractor.unet_calls, **shard
+    )
 
 
 # (photo, its bank file, the metadata the file must hold)
@@ -302,13 +336,22 @@ def _safe_metadata(path: Path) -> dict[str, str]:
 
 
 @torch.no_grad()
-def class_condition(tokenizer, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:  # noqa: ANN001
-    """Text-encoder output [1, 77, d] of ``prompt``, tokenized as training does (padded to max length)."""
-    device = next(text_encoder.parameters()).device
-    input_ids = tokenizer(
-        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids.to(device)
-    return text_encoder(input_ids)[0]
+def class_condition(tokenizers, text_encoders, prompt: str) -> PromptEmbeddings:  # noqa: ANN001
+    """The conditioning of ``prompt`` as training encodes it (``core.conditioning``): the text encoder's
+    output [1, 77, d] for SD; for SDXL (two tokenizers and encoders) both penultimate states side by side
+    and the pooled embedding [1, d']. A single tokenizer and encoder may be given bare."""
+    tokenizers = tuple(tokenizers) if isinstance(tokenizers, (tuple, list)) else (tokenizers,)
+    text_encoders = tuple(text_encoders) if isinstance(text_encoders, (tuple, list)) else (text_encoders,)
+    return encode_prompts(text_encoders, tokenize(tokenizers, [prompt]))
+
+
+def vae_dtype(vae: torch.nn.Module, family: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the frozen VAE runs in: ``dtype``, except an SDXL VAE whose config asks for ``force_upcast`` stays
+    float32 instead of float16 (SDXL's own VAE overflows to NaN in float16; diffusers' SDXL pipelines and
+    scripts upcast it the same way; the fp16-fix VAE says ``force_upcast: false``). SD's VAE is unchanged."""
+    if family == "sdxl" and dtype == torch.float16 and vae.config.get("force_upcast", False):
+        return torch.float32
+    return dtype
 
 
 def default_device() -> torch.device:
@@ -318,44 +361,53 @@ def default_device() -> torch.device:
 class BankExtractor:
     """The frozen base model set up for extraction: runs the batched inversion and writes the files."""
 
-    def __init__(self, settings: BankSettings, components: object | None, device: str | torch.device | None) -> None:
+    def __init__(
+        self, settings: BankSettings, components: object | None, device: str | torch.device | None, compile_unet: bool = False
+    ) -> None:
         from pdm_lightning.core.loading import load_components
 
         self.settings = settings
         self.device = torch.device(device) if device is not None else default_device()
         self.compute_dtype = DTYPES[settings.compute_dtype]
         parts = components or load_components(
-            settings.pretrained_model_name_or_path, settings.revision, settings.variant
+            settings.pretrained_model_name_or_path, settings.revision, settings.variant, settings.vae_name_or_path
         )
-        self.unet, self.vae = parts.unet, parts.vae
-        for model in (parts.unet, parts.vae, parts.text_encoder):
+        self.vae = parts.vae
+        self.sdxl = parts.text_encoder_2 is not None
+        for model in (parts.unet, parts.vae, *parts.text_encoders):
             model.requires_grad_(False).eval().to(self.device)
-            if model.dtype != self.compute_dtype:  # casting to the same dtype only logs a diffusers warning
-                model.to(dtype=self.compute_dtype)
+            dtype = vae_dtype(parts.vae, parts.family, self.compute_dtype) if model is parts.vae else self.compute_dtype
+            if model.dtype != dtype:  # casting to the same dtype only logs a diffusers warning
+                model.to(dtype=dtype)
         scheduler = parts.noise_scheduler
         self.prediction_type = scheduler.config.prediction_type
         self.alphas_cumprod = scheduler.alphas_cumprod.clone()
         self.trajectory = trajectory_timesteps(scheduler.config.num_train_timesteps, settings.inversion_steps)
         self.calls_per_batch = 2 * len(self.trajectory) - 1
         self.unet_calls = 0
-        self.condition = class_condition(parts.tokenizer, parts.text_encoder, settings.class_prompt)
-        self.capture = QueryCapture(self.unet, settings.layer)
+        # Encoded once: every call of every batch is conditioned on the same class prompt.
+        condition = class_condition(parts.tokenizers, parts.text_encoders, settings.class_prompt)
+        self.unet = QueryUNet(parts.unet, settings.layer, condition, choose_mode(compile_unet, self.calls_per_batch))
 
     @torch.inference_mode()
     def extract(self, batch: list[BankJob], on_call=None) -> None:  # noqa: ANN001
         """Inverts and reconstructs one batch of images (one UNet call per step for all), writing rows as they come."""
-        pixels = torch.stack([load_training_image(image, self.settings.resolution, None) for image, _, _ in batch])
-        latent_dist = self.vae.encode(pixels.to(self.device, self.compute_dtype)).latent_dist
+        resolution = self.settings.resolution
+        pixels = torch.stack([load_training_image(image, resolution, None) for image, _, _ in batch])
+        latent_dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         clean = latent_dist.mode().float() * self.vae.config.scaling_factor
-        condition = self.condition.expand(len(batch), -1, -1)
+        # SDXL: each photo's size conditioning, that of the centre crop inverted here (and trained on in the PDM chunk).
+        time_ids = (
+            torch.stack([centre_crop_time_ids(image, resolution) for image, _, _ in batch]).to(self.device)
+            if self.sdxl else None
+        )
         writers: list[ChecksummedSafetensors] = []
         store_dtype = STORAGE_DTYPES[self.settings.dtype]
         n_rows = len(self.trajectory)
 
         def predict(latents: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
-            output = self.unet(latents.to(self.compute_dtype), timestep, condition).sample
             self.unet_calls += 1
-            return output, self.capture.pop()
+            return self.unet(latents.to(self.compute_dtype), timestep, time_ids)
 
         def record(row: int, query: torch.Tensor, latents: torch.Tensor) -> None:
             if not writers:  # shapes are known at the first recorded call
@@ -408,17 +460,15 @@ class BankExtractor:
 
     def release(self) -> None:
         """Frees the models' device memory before training starts."""
-        self.capture.remove()
-        self.unet = self.vae = self.condition = None
+        self.unet.release()
+        self.unet = self.vae = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
 
 def cache_folder(settings: BankSettings, cache_root: str | os.PathLike, memo_file: Path | None = None) -> Path:
     """The cache folder of ``settings``: ``<cache_root>/<settings key>``, one file per image inside."""
-    root = Path(cache_root)
-    model = model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant, memo_file)
-    return root / settings.key(model)
+    return Path(cache_root) / metadata_key(fingerprinted_metadata(settings, memo_file))
 
 
 def default_cache_root() -> Path:
@@ -605,9 +655,7 @@ def open_bank(
         )
     base = None
     if settings is not None:
-        base = settings.metadata(
-            model_fingerprint(settings.pretrained_model_name_or_path, settings.revision, settings.variant, memo_file)
-        )
+        base = fingerprinted_metadata(settings, memo_file)
     # A "both" bank serves either teacher: the mode must only store what the run reads.
     wanted_mode = base.pop("mode") if base is not None else None
     for image, path in zip(images, files):

@@ -9,8 +9,9 @@ from pathlib import Path
 from pdm_lightning.core.atomic import write_bytes_atomically
 from pdm_lightning.core.locks import file_lock
 
-# What the bank depends on inside a diffusers pipeline folder.
-MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# What the bank depends on inside a diffusers pipeline folder (SDXL's second tokenizer and text encoder
+# too; an SD folder has none, so its fingerprint is what it always was).
+MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 KNOWN_VARIANTS = ("fp16", "bf16", "fp32", "ema", "non_ema")
 _CHUNK = 16 << 20
@@ -106,11 +107,29 @@ def model_fingerprint(
     return f"hub:{pretrained_model_name_or_path}@{commit}" + (f":{variant}" if variant else "")
 
 
-def _hub_commit(repo_id: str, revision: str | None) -> str | None:
+def vae_fingerprint(vae_name_or_path: str, memo_file: Path | None = None) -> str:
+    """Identifies a replacement VAE (``--model.vae_name_or_path``) as ``core.loading.load_vae`` reads it: the bytes
+    of a folder holding config.json and weights (or of a pipeline folder's ``vae/``), or a hub id at its commit."""
+    folder = Path(vae_name_or_path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file() and (folder / "vae").is_dir():
+            folder = folder / "vae"
+        files = sorted(p for p in folder.glob("*") if p.is_file())
+        weights = [p for p in files if p.name.endswith(WEIGHT_SUFFIXES)]
+        chosen = [p for p in weights if p.suffix == ".safetensors"] or weights
+        digest = hashlib.sha256()
+        for path in [p for p in files if p not in weights] + chosen:
+            digest.update(f"{path.name}:{file_sha256(path, memo_file)}\n".encode())
+        return f"local:{digest.hexdigest()}"
+    commit = _hub_commit(vae_name_or_path, None, "config.json") or "main"
+    return f"hub:{vae_name_or_path}@{commit}"
+
+
+def _hub_commit(repo_id: str, revision: str | None, filename: str = "model_index.json") -> str | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        index = Path(hf_hub_download(repo_id, "model_index.json", revision=revision))
+        index = Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception:  # noqa: BLE001 - no commit to resolve: fall back to the revision name
         return None
     # The hub cache keeps files under snapshots/<commit>/.

@@ -11,7 +11,7 @@ from pdm_lightning.core.dtypes import DTypeName
 from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.core.loading import ModelSource
 from pdm_lightning.pdm.bank import BankSettings, default_cache_root
-from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER
+from pdm_lightning.pdm.capture import default_pdm_layer_for_config
 
 
 @dataclass
@@ -20,7 +20,11 @@ class PDMSettings:
 
     Args:
         weight: weight of the PDM loss; None takes the reference's: 0.1 full fine-tune, 0.05 with LoRA.
-        layer: module path of the UNet's ``to_q`` whose output is the appearance query (SD1.5 default).
+        layer: module path of the UNet's ``to_q`` whose output is the appearance query; None (default): the
+            model's own by the rule "``attn1.to_q`` of the first transformer block of the last attention module of
+            the highest-resolution up block with attention": the paper's
+            ``up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q`` on SD 1.x/2.x,
+            ``up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_q`` on SDXL (docs/sdxl.md).
         teacher: ``bank`` reads the teacher's queries from the bank; ``on_the_fly`` stores only the
             reconstruction latents and recomputes the queries each step with the pretrained UNet (the
             same UNet with adapters off under LoRA, a frozen copy in the compute dtype under full fine-tuning).
@@ -29,6 +33,9 @@ class PDMSettings:
         dtype: storage dtype of the teacher queries (float16 halves the disk and I/O of float32).
         compute_dtype: dtype the frozen model runs in while the bank is built.
         batch_size: instance images inverted together (one UNet call per step for all of them).
+        compile: run the frozen UNet through ``torch.compile`` while the bank is built (on CUDA in mode
+            ``reduce-overhead``: CUDA graphs). The rows then match the eager ones to float rounding, not bit
+            for bit; the bank's cache key does not change. Off: eager, traced for long builds (bit for bit).
         cache_dir: root of the bank cache (default ``$PDM_LIGHTNING_CACHE`` or ``~/.cache/pdm_lightning/pdm_bank``);
             a second run with the same model, images, prompt, resolution, layer and steps reuses it.
         features_dir: a folder written by ``python -m pdm_lightning.features`` (one ``<stem>.safetensors``
@@ -36,12 +43,13 @@ class PDMSettings:
     """
 
     weight: float | None = None
-    layer: str = DEFAULT_PDM_LAYER
+    layer: str | None = None
     teacher: Literal["bank", "on_the_fly"] = "bank"
     inversion_steps: int | None = None
     dtype: Literal["float16", "float32"] = "float16"
     compute_dtype: DTypeName = "float32"
     batch_size: int = 4
+    compile: bool = False
     cache_dir: str | None = None
     features_dir: str | None = None
 
@@ -64,15 +72,21 @@ class PDMSettings:
     def on_the_fly(self) -> bool:
         return self.teacher == "on_the_fly"
 
+    def resolved_layer(self, source: ModelSource) -> str:
+        """The PDM layer as set, else the base model's own by the rule (read from its UNet's config.json)."""
+        return self.layer if self.layer is not None else default_pdm_layer_for_config(source.unet_config())
+
     def bank_settings(self, source: ModelSource, class_prompt: str, resolution: int) -> BankSettings:
-        """Everything besides the photos that determines the bank (its cache key)."""
+        """Everything besides the photos that determines the bank (its cache key). The layer is the concrete
+        module path (an SD1.5 bank built before the rule existed keeps its key), and a replacement VAE joins it."""
         return BankSettings(
             pretrained_model_name_or_path=source.pretrained_model_name_or_path,
             class_prompt=class_prompt,
             resolution=resolution,
             revision=source.revision,
             variant=source.variant,
-            layer=self.layer,
+            layer=self.resolved_layer(source),
+            vae_name_or_path=source.vae_name_or_path,
             inversion_steps=self.inversion_steps,
             dtype=self.dtype,
             mode="latents" if self.on_the_fly else "bank",

@@ -138,7 +138,7 @@ class PreallocatedSafetensors:
         data = tensor.detach().to("cpu", dtype=self.dtypes[name]).contiguous().view(torch.uint8).numpy()
         offset = self.data_start + self.offsets[name] + (0 if row is None else row * data.nbytes)
         self._file.seek(offset)
-        self._file.write(data.tobytes())
+        self._file.write(data.data)  # the array's own buffer: no copy
         return zlib.crc32(data)  # of exactly the bytes on disk, so a reader can verify them (pdm.integrity)
 
     def commit(self) -> Path:

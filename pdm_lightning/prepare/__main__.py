@@ -29,7 +29,10 @@ def main(args: list[str] | None = None) -> None:
         console.take_verbose_flag(args)
     with report_input_errors():
         cli = cli_main(args, run=False, prog=PROG, description=__doc__.split("\n\n", 1)[0].replace("``", "`"))
+        # What fit does before its first step: checks and masks, then the class images and the bank
+        # (one process here; `train.py fit --trainer.devices N` splits them across N ranks).
         cli.datamodule.prepare_data()
+        cli.datamodule.setup("fit")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ already in the folder is ever modified or deleted.
 Several runs may fill one folder at once (subjects of one class, DDP nodes sharing a disk): each
 writes its images and merges its records into the manifest on disk under one file lock, so no
 writer's records are lost and no half-written file of a live writer is taken for a stale one.
+The DDP ranks of one run split the missing images: slots go in batches by slot number
+(``slot_batches``), batch k to rank k mod world size, so the split makes the very files one process
+would (an image depends on its slot's seed and, at float rounding, on the rest of its batch).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,17 +154,22 @@ def generate_class_images(
     resolution: int,
     base_model: str,
     revision: str | None = None,
-) -> int:
-    """Generates images until ``class_dir`` holds ``num_class_images``; returns how many were made.
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> list[str]:
+    """Generates images until ``class_dir`` holds ``num_class_images``; returns the names of those it made.
 
     ``load_pipeline`` is only called when something is missing, so a full folder costs no model load.
+    Rank ``rank`` of ``world_size`` (processes sharing the folder) generates the batches of its share
+    (``slot_batches``); the caller waits for every rank before using the folder. Each image depends
+    only on its slot and its batch, so any split makes the same files as one process.
     """
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(class_dir):  # a live writer holds the lock while its partial file exists
         remove_stale_partials(class_dir)
-
-    records = {name: rec for name, rec in read_manifest(class_dir).items() if (class_dir / name).is_file()}
+        records, plan = _records_and_plan(class_dir, num_class_images, settings.sample_batch_size, rank, world_size)
     wanted = {
         "prompt": class_prompt,
         "base_model": base_model,
@@ -170,35 +178,65 @@ def generate_class_images(
         "guidance_scale": settings.guidance_scale,
         "resolution": resolution,
     }
-    missing = num_class_images - len(list_class_images(class_dir))
-    pipeline = load_pipeline() if missing > 0 else None
+    pipeline = load_pipeline() if plan else None
     recorded_samplers = [r["sampler"] for r in records.values() if "sampler" in r]
     wanted["sampler"] = type(pipeline.scheduler).__name__ if pipeline else next(iter(recorded_samplers), None)
     report_setting_mismatches(records, wanted, class_dir)
-    if missing <= 0:
-        return 0
+    if not plan:
+        return []
 
-    made = 0
-    used_slots = {int(rec["slot"]) for rec in records.values() if "slot" in rec}
-    progress = tqdm(total=missing, desc=f"Generating class images ({class_prompt!r})", unit="img")
-    # Recounting after every batch makes an interrupted run's unrecorded image (written, manifest not
-    # yet updated) count once: regenerating its slot reproduces the same file name.
-    while missing > 0:
-        batch_slots = _free_slots(used_slots, min(missing, settings.sample_batch_size))
+    made: list[str] = []
+    attempted: set[int] = set()
+    who = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    bar = tqdm(
+        total=sum(map(len, plan)), desc=f"Generating class images ({class_prompt!r}){who}", unit="img", disable=not progress
+    )
+    # Planning again after every batch counts what other processes added meanwhile, and every image in
+    # the folder, recorded or not (an interrupted run can leave one written but not yet recorded).
+    while plan:
+        batch_slots = plan[0]
         images = _generate_batch(pipeline, class_prompt, batch_slots, settings, resolution, pipeline.device)
         with folder_lock(class_dir):  # generating (slow) is outside the lock, writing (fast) inside
             new = {
                 save_png_by_content(image, class_dir): {**wanted, "slot": slot, "seed": derive_seed(settings.seed, slot)}
                 for slot, image in zip(batch_slots, images)
             }
-            records = merge_records(class_dir, new)
-        # Slots another run used meanwhile are taken too: its images already count towards the total.
-        used_slots.update(batch_slots, (int(rec["slot"]) for rec in records.values() if "slot" in rec))
-        made += len(batch_slots)
-        progress.update(len(batch_slots))
-        missing = num_class_images - len(list_class_images(class_dir))
-    progress.close()
+            merge_records(class_dir, new)
+            attempted.update(batch_slots)  # a slot whose image has another's name is not tried again
+            _, plan = _records_and_plan(class_dir, num_class_images, settings.sample_batch_size, rank, world_size, attempted)
+        made.extend(new)
+        bar.update(len(batch_slots))
+    bar.close()
     return made
+
+
+def slot_batches(slots: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``slots`` (ascending) in batches of the slots that share ``slot // batch_size``.
+
+    Batches follow slot numbers, not the order of generation, so every process that generates a
+    given slot does so in the same batch: a batch's images depend (at float rounding) on what else
+    is in it, and a split build must make the very same files as a single process.
+    """
+    batches: dict[int, list[int]] = {}
+    for slot in slots:
+        batches.setdefault(slot // batch_size, []).append(slot)
+    return list(batches.values())
+
+
+def _records_and_plan(
+    class_dir: Path, num_class_images: int, batch_size: int, rank: int, world_size: int, attempted: Iterable[int] = ()
+) -> tuple[dict[str, dict[str, Any]], list[list[int]]]:
+    """The folder's records, and the slot batches this rank still has to generate. Call under ``folder_lock``.
+
+    The folder needs the smallest free slots that bring it to ``num_class_images``; that set does not
+    change while writers only add slots from it, so every rank computes the same batches from
+    whatever it sees, and batch ``k`` (slots k * batch_size ...) is rank ``k % world_size``'s.
+    """
+    records = {name: rec for name, rec in read_manifest(class_dir).items() if (class_dir / name).is_file()}
+    missing = num_class_images - len(list_class_images(class_dir))
+    used = {int(rec["slot"]) for rec in records.values() if "slot" in rec} | set(attempted)
+    batches = slot_batches(_free_slots(used, max(missing, 0)), batch_size)
+    return records, [batch for batch in batches if (batch[0] // batch_size) % world_size == rank]
 
 
 def _free_slots(used: set[int], count: int) -> list[int]:

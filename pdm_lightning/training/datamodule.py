@@ -8,6 +8,7 @@ looks up what was prepared; the batch format is ``data.batch.Batch``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import CLIPTokenizer
 
+from pdm_lightning.core.conditioning import tokenize
 from pdm_lightning.core.errors import InputDataError
 from pdm_lightning.core.loading import ModelSource
 from pdm_lightning.data.batch import collate_examples
@@ -28,7 +30,7 @@ from pdm_lightning.generation.settings import PredictSettings
 from pdm_lightning.identifier import infer_identifier, warn_about_identifier
 from pdm_lightning.pdm.settings import PDMSettings
 from pdm_lightning.pdm.teacher import PDMTeacher
-from pdm_lightning.prepare import RunInputs, prepare_inputs
+from pdm_lightning.prepare import RunInputs, check_inputs, prepare_inputs_distributed
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -38,14 +40,15 @@ class DreamBoothDataModule(L.LightningDataModule):
         instance_data_dir: folder with the 3-5 photos of the subject (read only, never modified).
         instance_prompt: prompt with the identifier, e.g. "a photo of sks dog".
         base_model: the base model (train.py links it from ``--model.pretrained_model_name_or_path``,
-            ``revision`` and ``variant``): its tokenizer, and the model that generates class images
-            and builds the PDM bank.
+            ``revision``, ``variant`` and ``vae_name_or_path``): its tokenizers (SDXL: two), and the model
+            that generates class images and builds the PDM bank.
         with_prior_preservation: add the class chunk and the prior-preservation loss.
         class_data_dir: folder of class images; missing ones are generated into it.
         class_prompt: prompt of the class, e.g. "a photo of dog".
         num_class_images: how many class images the folder should hold.
         class_generation: settings for generating missing class images.
-        resolution: training resolution (square crops).
+        resolution: training resolution (square crops); None: the base model's native size (SD1.5 512, SD2.1 768,
+            SDXL 1024), read from its configs.
         center_crop: center-crop the instance images instead of random crops.
         train_batch_size: instance images per batch (each adds one class image with prior preservation).
         num_workers: DataLoader worker processes.
@@ -69,7 +72,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         class_prompt: str | None = None,
         num_class_images: int = 100,
         class_generation: ClassImageGeneration | None = None,
-        resolution: int = 512,
+        resolution: int | None = None,
         center_crop: bool = False,
         train_batch_size: int = 1,
         num_workers: int = 0,
@@ -85,9 +88,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise InputDataError("The data module needs base_model (ModelSource): train.py links it from --model.pretrained_model_name_or_path.")
         self.base_model = ModelSource(**base_model) if isinstance(base_model, dict) else base_model
         self.pdm = PDMSettings(**pdm) if isinstance(pdm, dict) else pdm
+        self.resolution = resolution if resolution is not None else self._native_resolution()
         self.inputs = RunInputs(
             instance_data_dir=instance_data_dir,
-            resolution=resolution,
+            resolution=self.resolution,
             with_prior_preservation=with_prior_preservation,
             class_data_dir=class_data_dir,
             class_prompt=class_prompt,
@@ -119,8 +123,20 @@ class DreamBoothDataModule(L.LightningDataModule):
                 "The PDM loss needs class_prompt (the teacher bank inverts each photo conditioned on it): set "
                 "--data.class_prompt, e.g. 'a photo of dog'."
             )
-        if self.hparams.resolution < 8 or self.hparams.resolution % 8:
-            raise InputDataError(f"resolution {self.hparams.resolution} must be a positive multiple of 8 (the VAE's factor).")
+        if self.resolution < 8 or self.resolution % 8:
+            raise InputDataError(f"resolution {self.resolution} must be a positive multiple of 8 (the VAE's factor).")
+
+    def _native_resolution(self) -> int:
+        """The base model's own image size (``--data.resolution`` unset): its UNet's sample_size x the VAE's factor."""
+        try:
+            self.base_model.check()
+            return self.base_model.native_resolution()
+        except (OSError, ValueError) as error:  # InputDataError is a ValueError
+            raise InputDataError(
+                f"--data.resolution is unset, so it is the base model's native size, which could not be read from "
+                f"{self.base_model.pretrained_model_name_or_path} ({error}): set --data.resolution (e.g. 512 for SD1.5, "
+                "1024 for SDXL) or fix the model path."
+            ) from error
 
     @property
     def teacher(self) -> PDMTeacher | None:
@@ -139,9 +155,12 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.base_model.check()
             return
         prompts = {"instance_prompt": self.hparams.instance_prompt, "class_prompt": self.hparams.class_prompt}
-        prepare_inputs(self.inputs, self.base_model, self.teacher, self._device(), prompts)
+        # Class images and the bank are built in setup, split across the ranks (pdm_lightning.prepare).
+        check_inputs(self.inputs, self.base_model, self._device(), prompts)
 
-    def _tokenize(self, tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:
+    def _tokenize(self, tokenizers: Sequence[CLIPTokenizer], prompt: str) -> tuple[torch.Tensor, ...]:
+        """The prompt's ids ([77]) for each tokenizer (SD: one; SDXL: two, each padded its own way)."""
+        tokenizer = tokenizers[0]  # SDXL's two tokenizers share CLIP's BPE: the same length
         length = len(tokenizer(prompt).input_ids)
         if length > tokenizer.model_max_length:
             warnings.warn(
@@ -149,28 +168,31 @@ class DreamBoothDataModule(L.LightningDataModule):
                 f"{tokenizer.model_max_length}, so its end is ignored. Shorten it.",
                 stacklevel=2,
             )
-        return tokenizer(
-            prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids[0]
+        return tuple(ids[0] for ids in tokenize(tokenizers, [prompt]))
 
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.train_dataset is not None:
             return
+        # Every rank generates its share of the class images and builds its share of the bank, then waits for all.
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        prepare_inputs_distributed(self.inputs, self.base_model, self.teacher, self._device(), rank, world_size)
         instance_images = self.inputs.instance_images()
-        tokenizer = self.base_model.tokenizer()
+        tokenizers = self.base_model.tokenizers()
+        tokenizer = tokenizers[0]
         identifier = self.predict_settings.identifier or infer_identifier(
             self.hparams.instance_prompt, self.hparams.class_prompt
         )[0]
         if identifier:
             warn_about_identifier(tokenizer, identifier)  # a split or common identifier binds the subject poorly
-        class_images = class_input_ids = None
+        class_images = None
+        class_input_ids: tuple[torch.Tensor | None, ...] = (None, None)  # one per tokenizer
         if self.hparams.with_prior_preservation:
             # prepare_data decoded and counted them already: listing is enough here (700 images at 512 px).
             class_images = self.inputs.class_images()
             if not class_images:
-                raise InputDataError(f"class_data_dir {self.hparams.class_data_dir} holds no images: prepare_data() generates them (the Trainer calls it first); call it before setup().")
-            class_input_ids = self._tokenize(tokenizer, self.hparams.class_prompt)
-        # Masks and the bank were made in prepare_data: here they are only looked up (no model loads).
+                raise InputDataError(f"class_data_dir {self.hparams.class_data_dir} holds no images after preparation: set --data.num_class_images to at least 1 (the missing ones are generated), or turn prior preservation off.")
+            class_input_ids = self._tokenize(tokenizers, self.hparams.class_prompt)
+        # Masks and the bank were made above and in prepare_data: here they are only looked up (no model loads).
         device = self._device()
         if self.masks.needs_instance_masks:
             self.instance_mask_files = resolve_instance_masks(instance_images, self.masks, self.hparams.class_prompt, device)
@@ -178,17 +200,22 @@ class DreamBoothDataModule(L.LightningDataModule):
         if self.masks.mask_prior_loss and class_images is not None:
             class_masks = resolve_class_masks(class_images, self.masks, self.hparams.class_prompt, device)
         teacher = self.teacher
+        instance_input_ids = self._tokenize(tokenizers, self.hparams.instance_prompt)
+        sdxl = len(tokenizers) == 2
         self.train_dataset = DreamBoothDataset(
             instance_images=instance_images,
-            instance_input_ids=self._tokenize(tokenizer, self.hparams.instance_prompt),
-            resolution=self.hparams.resolution,
+            instance_input_ids=instance_input_ids[0],
+            resolution=self.resolution,
             center_crop=self.hparams.center_crop,
             class_images=class_images,
-            class_input_ids=class_input_ids,
-            pdm_targets=teacher.entries(instance_images, self.hparams.class_prompt, self.hparams.resolution, tokenizer)
+            class_input_ids=class_input_ids[0],
+            pdm_targets=teacher.entries(instance_images, self.hparams.class_prompt, self.resolution, tokenizers)
             if teacher is not None else None,
             instance_masks=self.instance_mask_files,
             class_masks=class_masks,
+            instance_input_ids_2=instance_input_ids[1] if sdxl else None,
+            class_input_ids_2=class_input_ids[1] if sdxl else None,
+            with_time_ids=sdxl,  # SDXL conditions on each crop's size and position
         )
 
     def train_dataloader(self) -> ResumableDataLoader:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +26,9 @@ class OptimizerConfig:
         lr_warmup_steps: linear warm-up steps (optimizer steps).
         lr_num_cycles: hard restarts for cosine_with_restarts.
         lr_power: power of the polynomial schedule.
+        fused: torch's fused AdamW kernel (one kernel for all parameters): None (default) uses it when every
+            trained parameter is a CUDA floating-point tensor, never on CPU; true or false forces it (true on
+            CPU needs a torch with the CPU kernel). Ignored by ``adamw8bit``.
     """
 
     name: Literal["adamw", "adamw8bit"] = "adamw"
@@ -39,11 +42,20 @@ class OptimizerConfig:
     lr_warmup_steps: int = 0
     lr_num_cycles: int = 1
     lr_power: float = 1.0
+    fused: bool | None = None
+
+
+def use_fused_adamw(parameters: Sequence[torch.nn.Parameter], fused: bool | None) -> bool:
+    """``fused`` when set; otherwise (auto) whether every parameter is a CUDA floating-point tensor."""
+    if fused is not None:
+        return fused
+    return bool(parameters) and all(p.is_cuda and p.is_floating_point() for p in parameters)
 
 
 def build_optimizer(
     parameters: Iterable[torch.nn.Parameter], learning_rate: float, config: OptimizerConfig
 ) -> torch.optim.Optimizer:
+    parameters = list(parameters)
     kwargs = dict(
         lr=learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -59,7 +71,7 @@ def build_optimizer(
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, fused=use_fused_adamw(parameters, config.fused) or None, **kwargs)
 
 
 def build_lr_scheduler(
