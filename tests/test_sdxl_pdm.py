@@ -17,7 +17,8 @@ from pdm_lightning.core.loading import ModelSource, load_components
 from pdm_lightning.features import main as features_main
 from pdm_lightning.pdm import DEFAULT_PDM_LAYER, BankSettings, QueryCapture, build_bank, open_bank
 from pdm_lightning.data.crops import centre_crop_time_ids
-from pdm_lightning.pdm.bank import fingerprinted_metadata, vae_dtype
+from pdm_lightning.core.loading import vae_dtype
+from pdm_lightning.pdm.bank import fingerprinted_metadata
 from pdm_lightning.pdm.fingerprint import model_files
 from pdm_lightning.pdm.settings import PDMSettings
 from pdm_lightning.pdm.teacher import PDMTeacher

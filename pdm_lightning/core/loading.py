@@ -335,3 +335,12 @@ def check_model_source(pretrained_model_name_or_path: str, revision: str | None 
 def _looks_like_local_path(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else can only be meant as a path.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith((".safetensors", ".ckpt"))
+
+
+def vae_dtype(vae: torch.nn.Module, family: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the frozen VAE runs in: ``dtype``, except an SDXL VAE whose config asks for ``force_upcast`` stays
+    float32 instead of float16 (SDXL's own VAE overflows to NaN in float16; diffusers' SDXL pipelines and
+    scripts upcast it the same way; the fp16-fix VAE says ``force_upcast: false``). SD's VAE is unchanged."""
+    if family == "sdxl" and dtype == torch.float16 and vae.config.get("force_upcast", False):
+        return torch.float32
+    return dtype

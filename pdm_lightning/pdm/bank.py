@@ -345,15 +345,6 @@ def class_condition(tokenizers, text_encoders, prompt: str) -> PromptEmbeddings:
     return encode_prompts(text_encoders, tokenize(tokenizers, [prompt]))
 
 
-def vae_dtype(vae: torch.nn.Module, family: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the frozen VAE runs in: ``dtype``, except an SDXL VAE whose config asks for ``force_upcast`` stays
-    float32 instead of float16 (SDXL's own VAE overflows to NaN in float16; diffusers' SDXL pipelines and
-    scripts upcast it the same way; the fp16-fix VAE says ``force_upcast: false``). SD's VAE is unchanged."""
-    if family == "sdxl" and dtype == torch.float16 and vae.config.get("force_upcast", False):
-        return torch.float32
-    return dtype
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -364,7 +355,7 @@ class BankExtractor:
     def __init__(
         self, settings: BankSettings, components: object | None, device: str | torch.device | None, compile_unet: bool = False
     ) -> None:
-        from pdm_lightning.core.loading import load_components
+        from pdm_lightning.core.loading import load_components, vae_dtype
 
         self.settings = settings
         self.device = torch.device(device) if device is not None else default_device()

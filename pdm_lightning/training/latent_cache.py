@@ -57,7 +57,7 @@ def keep_vae_float32(vae: torch.nn.Module) -> None:
     """Makes the (float32) ``vae`` encode and decode in float32 also inside a 16-bit autocast region.
 
     SDXL's VAE overflows to NaN in float16, so under ``16-mixed`` the module keeps it in float32
-    (``pdm.bank.vae_dtype``); autocast would still run its convolutions in float16 (the training step,
+    (``core.loading.vae_dtype``); autocast would still run its convolutions in float16 (the training step,
     samples and evaluation all run under the Trainer's autocast). Its ``encode`` / ``decode`` therefore
     switch autocast off and take their input in float32. The weights and their outputs are those of the
     float32 VAE (posteriors and decoded images in float32).

@@ -31,7 +31,7 @@ from pdm_lightning.losses.diffusion import (
     sample_noise,
 )
 from pdm_lightning.losses.pdm import pdm_loss
-from pdm_lightning.core.loading import ModelSource
+from pdm_lightning.core.loading import ModelSource, vae_dtype
 from pdm_lightning.data.batch import Batch
 from pdm_lightning.data.dataset import DreamBoothDataset
 from pdm_lightning.training.compilation import CompileScope, compile_unet
@@ -56,7 +56,6 @@ from pdm_lightning.training.nonfinite import (
 )
 from pdm_lightning.training.optim import OptimizerConfig, build_lr_scheduler, build_optimizer
 from pdm_lightning.training.text_cache import PromptCache
-from pdm_lightning.pdm.bank import vae_dtype
 from pdm_lightning.pdm.capture import QueryCapture
 from pdm_lightning.pdm.settings import PDMSettings
 from pdm_lightning.pdm.teacher import PDMTeacher
