@@ -75,7 +75,7 @@ CASES: tuple[Case, ...] = (
     Case("bank_1photo_compiled", "bank build, 1 photo, compiled UNet (compilation included)", "bank", bank_photos="one", bank_compile=True,
          required=False),
     Case("full_prior_pdm_unfused", "full, prior + PDM, AdamW not fused", "lightning", "pdmbooth", prior=True, pdm="bank",
-         extra=("--model.optimizer.fused", "false"), cuda_only=True, required=False),
+         extra=("--model.optimizer.fused", "false"), required=False),
     Case("full_prior_pdm_xformers", "full, prior + PDM, xformers attention", "lightning", "pdmbooth", prior=True, pdm="bank",
          extra=("--model.attention_backend", "xformers"), needs="xformers", cuda_only=True, required=False),
     Case("full_prior_pdm_adamw8bit", "full, prior + PDM, 8-bit AdamW", "lightning", "pdmbooth", prior=True, pdm="bank",
@@ -95,6 +95,7 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
     ("full_prior_pdm_compiled", "full_prior_pdm", "compiled (blocks) / eager, full prior + PDM"),
     ("full_prior_pdm_compiled_unet", "full_prior_pdm", "compiled (whole UNet) / eager, full prior + PDM"),
     ("full_prior_pdm", "full_prior_pdm_unfused", "fused AdamW / not fused, full prior + PDM"),
+    ("full_prior_pdm_unfused", "plain_full_prior_pdm", "ours with AdamW not fused / plain loop, full prior + PDM"),
     ("bank_1photo_compiled", "bank_1photo", "bank build, compiled / eager UNet, 1 photo"),
     ("bank_batched", "bank_sequential", "bank build, batched / one at a time, per photo"),
 )

@@ -73,11 +73,11 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 # --- 2. the benchmarks -----------------------------------------------------------------------------------------------
-# Priority order: the published recipes and ours against the plain loop first, then compile and the bank, then the
-# variants (the budget drops the tail).
-CASES=(full_prior_pdm plain_full_prior_pdm lora_pdm full_prior lora_dreambooth full_prior_pdm_compiled bank_1photo
-       lora_prior_pdm plain_lora_prior_pdm full_dreambooth plain_full_dreambooth plain_lora_dreambooth
-       full_prior_pdm_otf bank_batched bank_sequential full_prior_pdm_uncached full_prior_pdm_latent_crops
+# Priority order: ours against the plain loop, torch.compile against eager and the batched bank build first (the
+# comparisons the check exists for), then the published recipes, then the variants (the budget drops the tail).
+CASES=(full_prior_pdm plain_full_prior_pdm full_prior_pdm_compiled bank_batched bank_sequential lora_pdm full_prior
+       lora_dreambooth full_dreambooth plain_full_dreambooth bank_1photo lora_prior_pdm plain_lora_prior_pdm
+       plain_lora_dreambooth full_prior_pdm_otf full_prior_pdm_uncached full_prior_pdm_latent_crops
        full_prior_pdm_channels_last full_prior_pdm_unfused full_prior_pdm_xformers full_prior_pdm_adamw8bit
        full_prior_pdm_compiled_unet bank_1photo_compiled lora_prior lora_prior_pdm_otf)
 if [ "$DRY_RUN" = 1 ]; then

@@ -108,10 +108,16 @@ def bank_table(cases: dict[str, dict[str, Any]], inversion_steps: int | None) ->
     return lines
 
 
-def render(document: dict[str, Any]) -> str:
-    """Markdown: the conditions, the training-step table, the bank-build table, the ratios."""
+def render(document: dict[str, Any], measured_only: bool = False) -> str:
+    """Markdown: the conditions, the training-step table, the bank-build table, the ratios. ``measured_only``: the
+    cases that were skipped or not available are named in one line instead of a table row each."""
     cases = document["cases"]
     parts = [conditions(document), ""]
+    if measured_only:
+        left_out = [entry["label"] for entry in cases.values() if entry["status"] in ("skipped", "not available")]
+        cases = {name: entry for name, entry in cases.items() if entry["status"] not in ("skipped", "not available")}
+        if left_out:
+            parts += [f"Not run (time budget) or not available here: {'; '.join(left_out)}.", ""]
     if any(entry["kind"] != "bank" for entry in cases.values()):
         parts += training_table(cases) + [""]
     if any(entry["kind"] == "bank" for entry in cases.values()):
@@ -125,8 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.readme_table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json_file", type=Path, help="written by python -m benchmarks --json")
+    parser.add_argument("--measured_only", action="store_true",
+                        help="rows for the cases that ran; skipped and unavailable ones named in one line")
     args = parser.parse_args(argv)
-    print(render(json.loads(args.json_file.read_text())), end="")
+    print(render(json.loads(args.json_file.read_text()), args.measured_only), end="")
 
 
 if __name__ == "__main__":

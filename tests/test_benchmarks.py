@@ -130,3 +130,6 @@ def test_the_readme_table_says_why_a_case_has_no_figures() -> None:
     assert "| full, prior + PDM | 250.0 | 240.0-260.0 | 20 GiB | 3.00 T | 1.2% |" in table
     assert "| full, prior + PDM, torch.compile | skipped: the time budget would be exceeded |" in table
     assert "NVIDIA H200" in table and "torch.cuda.max_memory_allocated" in table and "- compiled / eager: 0.80" in table
+    measured = render(document, measured_only=True)
+    assert "| full, prior + PDM | 250.0 |" in measured and "| full, prior + PDM, torch.compile |" not in measured
+    assert "Not run (time budget) or not available here: full, prior + PDM, torch.compile." in measured

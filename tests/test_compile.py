@@ -12,8 +12,9 @@ from diffusers import UNet2DConditionModel
 
 from conftest import build_cli
 from pdm_lightning.pdm.capture import DEFAULT_PDM_LAYER, QueryCapture
+from pdm_lightning.training import optim
 from pdm_lightning.training.compilation import compile_unet, transformer_blocks
-from pdm_lightning.training.optim import OptimizerConfig, build_optimizer, use_fused_adamw
+from pdm_lightning.training.optim import OptimizerConfig, build_optimizer, fused_adamw_devices, use_fused_adamw
 
 PDM = ("--model.pdm", "{}", "--model.pdm.inversion_steps", "4", "--samples.at_fit_end", "false")
 
@@ -87,25 +88,38 @@ def test_channels_last_trains_checkpoints_and_exports(tmp_path: Path, tiny_model
     assert (run / "export" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_fused_adamw_is_automatic_on_cuda_only() -> None:
+def _fake_parameters(device_type: str) -> list[types.SimpleNamespace]:
+    return [types.SimpleNamespace(device=torch.device(device_type), is_floating_point=lambda: True)]
+
+
+def test_fused_adamw_is_automatic_where_torch_has_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = [torch.nn.Parameter(torch.zeros(2))]
-    fake_cuda = [types.SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)]
-    assert not use_fused_adamw(cpu, None) and use_fused_adamw(fake_cuda, None)
-    assert not use_fused_adamw(fake_cuda, False) and use_fused_adamw(cpu, True)
+    assert use_fused_adamw(_fake_parameters("cuda"), None)
+    assert use_fused_adamw(cpu, None) is ("cpu" in fused_adamw_devices())
+    assert build_optimizer(cpu, 1e-3, OptimizerConfig()).defaults["fused"] is ("cpu" in fused_adamw_devices())
+    assert not use_fused_adamw(_fake_parameters("cuda"), False) and use_fused_adamw(cpu, True)
     assert not use_fused_adamw([], None)
-    optimizer = build_optimizer(cpu, 1e-3, OptimizerConfig())
-    assert not optimizer.defaults["fused"]
+    assert not use_fused_adamw([torch.zeros(2, dtype=torch.long)], None)
+    monkeypatch.setattr(optim, "fused_adamw_devices", lambda: ("cuda",))  # a torch before 2.4: CUDA only
+    assert not use_fused_adamw(cpu, None) and not build_optimizer(cpu, 1e-3, OptimizerConfig()).defaults["fused"]
 
 
-def test_forced_fused_adamw_matches_the_default_on_cpu() -> None:
-    """``fused: true`` on CPU (torch's CPU kernel) takes the same steps as the default implementation."""
+def test_fused_adamw_is_not_chosen_when_clipping_under_a_grad_scaler() -> None:
+    assert not use_fused_adamw(_fake_parameters("cuda"), None, clipped_with_grad_scaler=True)
+    assert not use_fused_adamw(_fake_parameters("cuda"), False, clipped_with_grad_scaler=True)
+    with pytest.raises(ValueError, match="16-mixed"):
+        use_fused_adamw(_fake_parameters("cuda"), True, clipped_with_grad_scaler=True)
+
+
+def test_fused_adamw_matches_the_unfused_implementation_on_cpu() -> None:
+    """The fused CPU kernel takes the same steps as torch's default (for-loop) AdamW, up to float rounding."""
     torch.manual_seed(0)
     start = [torch.randn(5, 3), torch.randn(7)]
     results = []
-    for fused in (None, True):
+    for fused in (False, True):
         params = [torch.nn.Parameter(p.clone()) for p in start]
         optimizer = build_optimizer(params, 1e-2, OptimizerConfig(fused=fused))
-        assert bool(optimizer.defaults["fused"]) is bool(fused)
+        assert bool(optimizer.defaults["fused"]) is fused
         for step in range(3):
             for index, param in enumerate(params):
                 param.grad = torch.sin(torch.arange(param.numel(), dtype=torch.float32) + step + index).view_as(param)

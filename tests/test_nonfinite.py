@@ -12,7 +12,9 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -221,6 +223,51 @@ def test_weights_made_nonfinite_by_a_step_are_never_checkpointed(tmp_path: Path,
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
     bad, read = files_with_nonfinite_tensors(run)
     assert read > 2 and not bad
+
+
+class CountCalls:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+def test_clipping_reuses_the_guards_gradient_norm_with_the_same_result(
+    tmp_path: Path, tiny_model_dir: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clipping by norm takes the norm the guard computed (one pass over the gradients, not two) and updates the
+    weights bit for bit as Lightning's own clipping (``clip_grad_norm_``) does."""
+    from pdm_lightning.training.module import DreamBoothModule
+
+    clip_grad_norm = CountCalls(torch.nn.utils.clip_grad_norm_)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm)
+    trained = []
+    for lightning_clipping in (False, True):
+        if lightning_clipping:
+            monkeypatch.setattr(DreamBoothModule, "configure_gradient_clipping", L.LightningModule.configure_gradient_clipping)
+        # A clip value far below the norm: every step is clipped.
+        cli = fit_with(tmp_path / f"run{int(lightning_clipping)}", tiny_model_dir, instance_dir, None, "--trainer.max_steps", "2",
+                       "--trainer.gradient_clip_val", "1e-4", "--checkpoint.save_last", "false")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        assert clip_grad_norm.calls == (2 if lightning_clipping else 0)
+        trained.append({k: v.detach().clone() for k, v in cli.model.named_parameters() if v.requires_grad})
+    ours, lightnings = trained
+    assert ours.keys() == lightnings.keys()
+    assert all(torch.equal(ours[k], lightnings[k]) for k in ours)
+
+
+def test_bf16_mixed_with_fused_adamw_clips_gradients(tmp_path: Path, tiny_model_dir: Path, instance_dir: Path) -> None:
+    """The GPU recipes' combination (bf16-mixed, fused AdamW, gradient_clip_val 1.0): Lightning's own clipping refuses
+    fused optimizers under any mixed precision (they unscale a GradScaler's gradients themselves; bf16 has no scaler)."""
+    cli = fit_with(tmp_path / "run", tiny_model_dir, instance_dir, None, "--trainer.max_steps", "1",
+                   "--trainer.precision", "bf16-mixed", "--model.optimizer.fused", "true",
+                   "--trainer.gradient_clip_val", "1e-4", "--checkpoint.save_last", "false")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
 
 
 def test_samples_refuse_nonfinite_weights() -> None:

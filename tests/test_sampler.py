@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pdm_lightning.data.sampler import ResumableDataLoader, ResumableSampler
-from pdm_lightning.core.seeding import derive_seed
+from pdm_lightning.core.seeding import derive_seed, seed_global_rng
 
 
 class Indices(Dataset):
@@ -77,3 +77,11 @@ def test_state_at_epoch_end_moves_to_next_epoch() -> None:
     resumed.load_state_dict({"epoch": 0, "batches_done": 2})
     assert resumed.sampler.epoch == 1
     assert len(list(resumed)) == 2
+
+
+def test_step_seeding_matches_torch_manual_seed() -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(5)
+    torch.manual_seed(99)
+    seed_global_rng(1234, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), expected)

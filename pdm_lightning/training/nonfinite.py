@@ -72,10 +72,15 @@ def describe_terms(bad: Mapping[str, float]) -> str:
     return ", ".join(f"{name} is {value}" for name, value in bad.items())
 
 
-def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
-    """The L2 norm of all gradients together, as gradient clipping computes it (0.0 without gradients)."""
+def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
+    """The L2 norm of all gradients together, exactly as ``torch.nn.utils.clip_grad_norm_`` computes it over the
+    same parameters (so clipping can reuse it: ``clip_grads_with_norm_``); None without gradients."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    return float(get_total_norm(grads, 2.0)) if grads else 0.0
+    return get_total_norm(grads, 2.0) if grads else None
+
+
+# Devices with torch's multi-tensor (foreach) norm kernel.
+FOREACH_DEVICES = ("cpu", "cuda")
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -83,12 +88,17 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
     The L2 norm first (8x cheaper than the max-abs norm on a CPU): NaN and inf propagate into it, so a
     finite L2 norm proves every value finite. It overflows only for values beyond ~1e19, where the
-    max-abs norm, which cannot overflow, decides.
+    max-abs norm, which cannot overflow, decides. Parameters are a Tensor subclass, which
+    ``get_total_norm`` by itself sends down its Python loop of one norm per tensor (4.8 ms against 2.0 ms
+    for the tiny model's 720 tensors on a CPU); ``foreach`` is asked for where the device has the kernel.
     """
     tensors = [t for t in tensors if t.is_floating_point()]
-    if not tensors or math.isfinite(float(get_total_norm(tensors, 2.0))):
+    if not tensors:
         return True
-    return math.isfinite(float(get_total_norm(tensors, math.inf)))
+    foreach = True if all(t.device.type in FOREACH_DEVICES for t in tensors) else None
+    if math.isfinite(float(get_total_norm(tensors, 2.0, foreach=foreach))):
+        return True
+    return math.isfinite(float(get_total_norm(tensors, math.inf, foreach=foreach)))
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:

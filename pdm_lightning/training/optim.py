@@ -26,9 +26,10 @@ class OptimizerConfig:
         lr_warmup_steps: linear warm-up steps (optimizer steps).
         lr_num_cycles: hard restarts for cosine_with_restarts.
         lr_power: power of the polynomial schedule.
-        fused: torch's fused AdamW kernel (one kernel for all parameters): None (default) uses it when every
-            trained parameter is a CUDA floating-point tensor, never on CPU; true or false forces it (true on
-            CPU needs a torch with the CPU kernel). Ignored by ``adamw8bit``.
+        fused: torch's fused AdamW kernel (one kernel for all parameters instead of a dozen small operations per
+            tensor; equal to the default implementation up to float rounding): None (default) uses it wherever
+            torch has it (CUDA; the CPU since torch 2.4), except with gradient clipping under 16-mixed (Lightning
+            refuses that pair); true or false forces it. Ignored by ``adamw8bit``.
     """
 
     name: Literal["adamw", "adamw8bit"] = "adamw"
@@ -45,15 +46,40 @@ class OptimizerConfig:
     fused: bool | None = None
 
 
-def use_fused_adamw(parameters: Sequence[torch.nn.Parameter], fused: bool | None) -> bool:
-    """``fused`` when set; otherwise (auto) whether every parameter is a CUDA floating-point tensor."""
+def fused_adamw_devices() -> tuple[str, ...]:
+    """Device types with torch's fused AdamW kernel: CUDA, and the CPU since torch 2.4."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the helper has the CUDA kernel only
+        return ("cuda",)
+    return tuple(_get_fused_kernels_supported_devices())
+
+
+def use_fused_adamw(
+    parameters: Sequence[torch.nn.Parameter], fused: bool | None, clipped_with_grad_scaler: bool = False
+) -> bool:
+    """``fused`` when set; otherwise (auto) whether every parameter is a floating-point tensor on a device with the
+    fused kernel, unless the gradients are clipped under a GradScaler (16-mixed): a fused AdamW unscales them inside
+    its own step, after clipping would have read them still scaled, so Lightning refuses that pair."""
     if fused is not None:
+        if fused and clipped_with_grad_scaler:
+            raise ValueError(
+                "--model.optimizer.fused true cannot be combined with gradient clipping under --trainer.precision "
+                "16-mixed (the fused kernel unscales the gradients after clipping has read them): set "
+                "--model.optimizer.fused null (auto), use bf16-mixed, or --trainer.gradient_clip_val null."
+            )
         return fused
-    return bool(parameters) and all(p.is_cuda and p.is_floating_point() for p in parameters)
+    if clipped_with_grad_scaler or not parameters:
+        return False
+    devices = fused_adamw_devices()
+    return all(p.is_floating_point() and p.device.type in devices for p in parameters)
 
 
 def build_optimizer(
-    parameters: Iterable[torch.nn.Parameter], learning_rate: float, config: OptimizerConfig
+    parameters: Iterable[torch.nn.Parameter],
+    learning_rate: float,
+    config: OptimizerConfig,
+    clipped_with_grad_scaler: bool = False,
 ) -> torch.optim.Optimizer:
     parameters = list(parameters)
     kwargs = dict(
@@ -71,7 +97,7 @@ def build_optimizer(
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, fused=use_fused_adamw(parameters, config.fused) or None, **kwargs)
+    return torch.optim.AdamW(parameters, fused=use_fused_adamw(parameters, config.fused, clipped_with_grad_scaler) or None, **kwargs)
 
 
 def build_lr_scheduler(
