@@ -34,7 +34,8 @@ from typing import Any
 from benchmarks import environment
 from benchmarks.cases import CASES, CASES_BY_NAME, RATIOS, Case, RunSettings, case_spec
 from benchmarks.processes import case_env, run_process
-from benchmarks.workspace import Inputs, NotAvailable, Workspace, default_workdir
+from benchmarks import workspace
+from benchmarks.workspace import Inputs, Workspace, default_workdir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,12 +136,8 @@ def ratios(cases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_json(path: Path | None, document: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=1))
-    os.replace(partial, path)
+    if path is not None:
+        workspace.write_json(path, document)
 
 
 def describe(name: str, run: dict[str, Any]) -> str:
@@ -201,14 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Benchmarks: {len(cases)} cases x {args.repeats} repeats, {args.preset if not args.model else args.model}, "
           f"{settings.resolution} px, {device}, precision {settings.precision}, {settings.threads} thread(s); work folder {workdir}",
           flush=True)
-    try:
-        inputs = Workspace(workdir).inputs(args.preset, args.model, args.photos, settings.resolution, env=env)
-    except NotAvailable as error:
-        for entry in document["cases"].values():
-            entry.update(status="not available", note=str(error))
-        write_json(args.json, document)
-        print(f"not available: {error}")
-        return 0
+    inputs = Workspace(workdir).inputs(args.preset, args.model, args.photos, settings.resolution, env=env)
     document["settings"]["model_dir"] = str(inputs.model)
     for case in cases:
         reason = unavailable_reason(case, settings, inputs)

@@ -187,11 +187,9 @@ def lightning_args(case: Case, settings: RunSettings, inputs: Inputs, run_dir: P
         args += ["--data.masks.instance_mask_dir", str(inputs.masks)]
     else:
         args += ["--data.masks.mask_instance_loss", "false", "--data.masks.mask_pdm_loss", "false"]
-    if not settings.outputs:  # only the steps are timed: no end-of-fit checkpoint, samples or export
-        args += ["--checkpoint.save_last", "false", "--checkpoint.every_n_train_steps", "1000000",
-                 "--samples.at_fit_end", "false"]
-    else:
-        args += ["--checkpoint.every_n_train_steps", "1000000", "--samples.at_fit_end", "false"]
+    args += ["--checkpoint.every_n_train_steps", "1000000", "--samples.at_fit_end", "false"]
+    if not settings.outputs:  # only the steps are timed: no end-of-fit checkpoint or export either
+        args += ["--checkpoint.save_last", "false"]
     if case.pdm:
         for key, value in pdm_options(case, settings, inputs).items():
             args += [f"--model.pdm.{key}", value]
@@ -228,7 +226,6 @@ def plain_spec(case: Case, settings: RunSettings, inputs: Inputs) -> dict[str, A
             **pdm_options(case, settings, inputs),
         },
         "precision": settings.trainer_precision,
-        "device": settings.device,
     }
 
 
@@ -243,7 +240,6 @@ def bank_spec(case: Case, settings: RunSettings, inputs: Inputs, photos: list[Pa
         "compute_dtype": settings.half_dtype,
         "batch_size": len(chosen) if case.bank_batched else 1,
         "compile_unet": case.bank_compile,
-        "device": settings.device,
     }
 
 

@@ -33,9 +33,9 @@ PACKAGES=(diffusers jsonargparse docstring_parser typeshed_client ruamel.yaml im
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform any)
 
-download() {  # NAME==VERSION
+download() {  # NAME==VERSION [FOLDER, default $DEST]
     "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-        --python-version 3.12 --implementation cp "${PLATFORMS[@]}" -d "$DEST" "$1"
+        --python-version 3.12 --implementation cp "${PLATFORMS[@]}" -d "${2:-$DEST}" "$1"
 }
 
 pinned() {  # the version of NAME in this checkout's venv
@@ -56,8 +56,7 @@ if [ "$EXTRAS" = 1 ]; then
     # bitsandbytes' wheels are not tied to a torch version; xformers' are, to one exact torch.
     download bitsandbytes && echo "  bitsandbytes (latest)" || echo "  bitsandbytes: no wheel, skipped"
     tmp=$(mktemp -d)
-    if "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-            --python-version 3.12 --implementation cp "${PLATFORMS[@]}" -d "$tmp" xformers 2>/dev/null; then
+    if download xformers "$tmp" 2>/dev/null; then
         wheel=$(ls "$tmp"/xformers-*.whl)
         needs=$("$PYTHON" - "$wheel" <<'EOF'
 import sys, zipfile

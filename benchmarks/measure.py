@@ -124,13 +124,16 @@ def median_ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1e3
 
 
-def step_result(clock: StepClock, warmup: int, steps: int, memory: PeakMemory, flops: FlopCount) -> dict[str, object]:
-    """The figures every training case reports (a case adds its own)."""
+def step_result(
+    clock: StepClock, warmup: int, steps: int, peak_memory_bytes: int, memory: PeakMemory, flops: FlopCount
+) -> dict[str, object]:
+    """The figures every training case reports (a case adds its own); ``peak_memory_bytes`` as the case read it at
+    the end of its timed steps, before anything else (the FLOP-counting step) ran."""
     seconds = clock.step_seconds(warmup, steps)
     return {
         "ms_per_step": median_ms(seconds),
         "step_ms": [s * 1e3 for s in seconds],
-        "peak_memory_bytes": memory.read(),
+        "peak_memory_bytes": peak_memory_bytes,
         "memory_kind": memory.kind,
         "flops_per_step": flops.total,
     }

@@ -260,8 +260,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             clock.tick()
         if step == timed - 1:
             peak = memory.read()
-    result = step_result(clock, spec["warmup"], spec["steps"], memory, flops)
-    result["peak_memory_bytes"] = peak
+    result = step_result(clock, spec["warmup"], spec["steps"], peak, memory, flops)
     result["first_loss"] = first_loss
     result["trained_parameters"] = sum(p.numel() for p in models.trainable)
     return result

@@ -23,7 +23,6 @@ Machinery shared with ``python -m benchmarks`` (benchmarks/cases.py, run_case.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ from benchmarks import environment
 from benchmarks.cases import CASES_BY_NAME, Case, RunSettings, case_spec, merged_recipe
 from benchmarks.processes import case_env, run_process
 from benchmarks.readme_table import flops, number, size
-from benchmarks.workspace import NotAvailable, Workspace, default_workdir
+from benchmarks.workspace import Workspace, default_workdir, write_json
 
 # Each recipe of configs/sd15/ (and its on-the-fly-teacher variant) as a benchmark case.
 RECIPES: dict[str, Case] = {
@@ -143,10 +142,7 @@ def render(results: dict[str, Any]) -> str:
 
 def write(path: Path | None, results: dict[str, Any]) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(results, indent=1))
-        os.replace(partial, path)
+        write_json(path, results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precisions:
         for position, resolution in enumerate(resolutions):
             settings = replace(base, precision=precision, resolution=resolution)
-            try:
-                inputs = workspace.inputs(args.preset, args.model, 1, resolution, env=env)
-            except NotAvailable as error:
-                print(f"not available: {error}")
-                return 0
+            inputs = workspace.inputs(args.preset, args.model, 1, resolution, env=env)
             for recipe in args.recipes:
                 case = RECIPES[recipe]
                 run: dict[str, Any] = {"recipe": recipe, "resolution": resolution, "precision": precision}

@@ -15,9 +15,7 @@ from pdm_lightning.core import console
 if __name__ == "__main__":  # quiet the libraries' notices before they are imported
     console.install(sys.argv)
 
-import inspect  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -27,10 +25,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.measure import FlopCount, PeakMemory, StepClock, step_result, synchronize  # noqa: E402
-
-
-class NotAvailable(Exception):
-    """The checkout does not offer what the case needs yet (reported, not an error)."""
+from benchmarks.workspace import write_json  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -91,8 +86,7 @@ def run_lightning(spec: dict[str, Any]) -> dict[str, Any]:
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_seconds = time.perf_counter() - start
 
-    result = step_result(clock, warmup, steps, memory, flops)
-    result["peak_memory_bytes"] = seen["peak"]
+    result = step_result(clock, warmup, steps, seen["peak"], memory, flops)
     result["memory_at_train_start_bytes"] = seen["at_start"]
     result["first_loss"] = seen["first_loss"]
     result["trained_parameters"] = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
@@ -143,11 +137,6 @@ def run_bank(spec: dict[str, Any]) -> dict[str, Any]:
     images = [Path(p) for p in spec["images"]]
     settings = BankSettings(spec["model"], spec["class_prompt"], spec["resolution"], inversion_steps=spec["inversion_steps"],
                             dtype="float16", mode="bank", compute_dtype=spec["compute_dtype"])
-    options = {}
-    if spec.get("compile_unet"):
-        if "compile_unet" not in inspect.signature(build_bank).parameters:
-            raise NotAvailable("build_bank does not take compile_unet yet")
-        options["compile_unet"] = True
     components = load_components(spec["model"])
     memory = PeakMemory(device)
     batch = min(spec["batch_size"], len(images))
@@ -163,7 +152,7 @@ def run_bank(spec: dict[str, Any]) -> dict[str, Any]:
         synchronize(device)
         start = time.perf_counter()
         report = build_bank(settings, images, Path(tmp) / "bank", batch_size=batch, device=device,
-                            components=components, progress=False, **options)
+                            components=components, progress=False, compile_unet=bool(spec.get("compile_unet")))
         synchronize(device)
         seconds = time.perf_counter() - start
         bank = QueryBank(report.files)
@@ -211,13 +200,9 @@ def main(argv: list[str]) -> int:
     spec = json.loads(spec_path.read_text())
     try:
         result = {"status": "ok", **run(spec)}
-    except NotAvailable as error:
-        result = {"status": "not available", "note": str(error)}
     except torch.OutOfMemoryError as error:
         result = {"status": "out of memory", "note": str(error).splitlines()[0]}
-    partial = result_path.with_suffix(".partial")
-    partial.write_text(json.dumps(result))
-    os.replace(partial, result_path)
+    write_json(result_path, result)
     return 0
 
 

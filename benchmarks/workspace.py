@@ -10,11 +10,14 @@ banks the cases build and reuse), ``runs/`` (each case's run folder, removed aft
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,10 +27,6 @@ EXAMPLE_PHOTOS = REPO_ROOT / "examples" / "dog"
 EXAMPLE_MASKS = REPO_ROOT / "examples" / "dog_masks"
 INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of dog"
-
-
-class NotAvailable(Exception):
-    """A case (or the whole run) needs something this checkout or machine does not offer yet."""
 
 
 def default_workdir() -> Path:
@@ -42,6 +41,14 @@ def unknown_option(stderr: str) -> str | None:
     return None
 
 
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    """``document`` as indented JSON at ``path``, replaced in one rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(document, indent=1))
+    os.replace(partial, path)
+
+
 def build_preset_model(preset: str, out_dir: Path, env: dict[str, str] | None = None) -> Path:
     """The preset's random pipeline in ``out_dir`` (kept when already there), built in a subprocess."""
     if (out_dir / "model_index.json").is_file():
@@ -49,10 +56,6 @@ def build_preset_model(preset: str, out_dir: Path, env: dict[str, str] | None = 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pdm_lightning.tiny", "--preset", preset, str(out_dir)]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0 and unknown_option(done.stderr) == "--preset":
-        if preset != "tiny":
-            raise NotAvailable(f"preset {preset!r}: `python -m pdm_lightning.tiny` does not accept --preset yet")
-        done = subprocess.run(command[:3] + [str(out_dir)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"Building the {preset} model failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
     return out_dir

@@ -74,6 +74,16 @@ def tiny_sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_preset_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "tiny-sdxl")
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Thousands of tiny UNet calls: with several busy processes, torch's thread pool only spins (60x slower).
+    A test module asks for it with ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def instance_dir(tmp_path: Path) -> Path:
     """A writable copy of the bundled example subject (5 photos, 256 px)."""

@@ -14,12 +14,7 @@ from pdm_lightning.pdm import DEFAULT_PDM_LAYER, BankSettings, open_bank
 from pdm_lightning.core.images import list_image_files
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def cli_args(model: Path, instance: Path, out: Path, *extra: str) -> list[str]:

@@ -227,6 +227,17 @@ def test_a_latent_crop_is_a_crop_of_the_resized_photo_at_latent_cell_offsets(wid
         assert torch.equal(example.instance_mask, expected)
 
 
+def test_a_cached_chunk_gets_the_centre_crop_mask_without_decoding_the_photo(wide_photos: Path, wide_masks: Path) -> None:
+    photos = sorted(wide_photos.glob("*.jpg"))[:2]
+    masks = {photo: wide_masks / f"{photo.stem}.png" for photo in photos}
+    decoded = DreamBoothDataset(photos, torch.zeros(77, dtype=torch.long), 64, instance_masks=masks)
+    cached = DreamBoothDataset(photos, torch.zeros(77, dtype=torch.long), 64, instance_masks=masks)
+    cached.use_latent_cache(instance_chunk=False, class_chunk=False, pdm_chunk=False, latent_crops=True)
+    for index in range(len(photos)):
+        assert torch.equal(cached._centre_mask(index), decoded._centre_crop(index)[1])
+    assert not cached._centre_crops  # no photo was decoded for its mask
+
+
 def test_prompt_embeddings_are_the_text_encoders_rows(tiny_model_dir: Path) -> None:
     from transformers import CLIPTextModel
 

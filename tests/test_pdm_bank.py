@@ -43,13 +43,7 @@ RESOLUTION = 64
 PROBE_TIMESTEPS = [0, 1, 2, 250, 500, 998, 999]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Thousands of tiny UNet calls: with several busy processes, torch's thread pool only spins (60x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -31,15 +31,17 @@ from pdm_lightning.core.errors import InputDataError
 
 ModelFamily = Literal["sd", "sdxl"]
 MODEL_INDEX = "model_index.json"
-# model_index.json's _class_name -> family.
-PIPELINE_FAMILIES: dict[str, ModelFamily] = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 PIPELINE_CLASSES: dict[ModelFamily, type[DiffusionPipeline]] = {
     "sd": StableDiffusionPipeline,
     "sdxl": StableDiffusionXLPipeline,
 }
+# model_index.json's _class_name -> family.
+PIPELINE_FAMILIES: dict[str, ModelFamily] = {pipeline.__name__: family for family, pipeline in PIPELINE_CLASSES.items()}
+TOKENIZER_NAMES: dict[ModelFamily, tuple[str, ...]] = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
+TEXT_ENCODER_NAMES: dict[ModelFamily, tuple[str, ...]] = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+# The subfolders a family's diffusers folder must have.
 FAMILY_SUBFOLDERS: dict[ModelFamily, tuple[str, ...]] = {
-    "sd": ("tokenizer", "text_encoder", "vae", "unet", "scheduler"),
-    "sdxl": ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet", "scheduler"),
+    family: (*TOKENIZER_NAMES[family], *TEXT_ENCODER_NAMES[family], "vae", "unet", "scheduler") for family in PIPELINE_CLASSES
 }
 
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype` in 2026 (the old name warns); the
@@ -81,14 +83,6 @@ class ModelSource:
             vae_name_or_path=self.vae_name_or_path, **components,
         )
 
-    def tokenizer(self) -> CLIPTokenizer:
-        return CLIPTokenizer.from_pretrained(self.pretrained_model_name_or_path, subfolder="tokenizer", revision=self.revision)
-
-    def text_encoder(self) -> CLIPTextModel:
-        return CLIPTextModel.from_pretrained(
-            self.pretrained_model_name_or_path, subfolder="text_encoder", revision=self.revision, variant=self.variant
-        )
-
     def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
         """The family's tokenizers in order: (tokenizer,) for SD, (tokenizer, tokenizer_2) for SDXL."""
         return tuple(
@@ -125,8 +119,6 @@ class ModelSource:
         return int(self.unet_config()["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-TOKENIZER_NAMES: dict[ModelFamily, tuple[str, ...]] = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
-TEXT_ENCODER_NAMES: dict[ModelFamily, tuple[str, ...]] = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
 TEXT_ENCODER_CLASSES: dict[str, type[torch.nn.Module]] = {
     "text_encoder": CLIPTextModel,
     "text_encoder_2": CLIPTextModelWithProjection,

@@ -43,11 +43,6 @@ def oriented_size(path: Path) -> tuple[int, int]:
     return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
-def has_fixed_crop(path: Path, size: int) -> bool:
-    """Whether every crop of ``path`` at ``size`` is the same: its resize is already a ``size`` square."""
-    return resized_size(*oriented_size(path), size) == (size, size)
-
-
 def crop_box(width: int, height: int, size: int, rng: random.Random | None) -> tuple[int, int, int, int]:
     """A ``size`` square inside a ``width`` x ``height`` image: random with ``rng``, centred without."""
     if rng is None:
@@ -124,10 +119,11 @@ def load_training_crop(
 
 
 def load_mask_crop(
-    mask_path: Path, image_path: Path, resolution: int, box: tuple[int, int, int, int]
+    mask_path: Path, image_path: Path, resolution: int, box: tuple[int, int, int, int], image_size: tuple[int, int]
 ) -> torch.Tensor:
-    """The ``box`` crop of a photo's subject mask after the photo's resize (1 x R x R in [0, 1]), without decoding the photo."""
-    mask = load_subject_mask(mask_path, image_path, oriented_size(image_path))
+    """The ``box`` crop of a photo's subject mask after the photo's resize (1 x R x R in [0, 1]), without decoding the
+    photo; ``image_size``: the photo's (width, height) as decoded (``oriented_size``, which the caller keeps)."""
+    mask = load_subject_mask(mask_path, image_path, image_size)
     return mask_to_tensor(resize_shorter_side(mask, resolution).crop(box))
 
 

@@ -23,7 +23,6 @@ from pdm_lightning.data.crops import (
     centre_box,
     crop_box,
     crop_time_ids,
-    has_fixed_crop,
     latent_crop_box,
     load_mask_crop,
     load_training_crop,
@@ -84,6 +83,7 @@ class DreamBoothDataset(Dataset):
         self.class_input_ids_2 = class_input_ids_2
         self.with_time_ids = with_time_ids
         self._centre_crops: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._centre_masks: dict[int, torch.Tensor] = {}
         self._sizes: dict[Path, tuple[int, int]] = {}  # each image's (width, height), from its header
         # Chunks whose latents the model caches (use_latent_cache): served as indices, not pixels.
         self.cached_instance_chunk = self.cached_class_chunk = self.cached_pdm_chunk = self.latent_crops = False
@@ -95,7 +95,8 @@ class DreamBoothDataset(Dataset):
         images = self.instance_images if chunk == "instance" else self.class_images
         if images is None:
             return False
-        return self.center_crop or all(has_fixed_crop(path, self.resolution) for path in images)
+        size = self.resolution
+        return self.center_crop or all(resized_size(*self._size(path), size) == (size, size) for path in images)
 
     def use_latent_cache(self, instance_chunk: bool, class_chunk: bool, pdm_chunk: bool, latent_crops: bool) -> None:
         """Serves the chunks whose latents the model caches as image indices (and, with latent crops, the
@@ -127,7 +128,7 @@ class DreamBoothDataset(Dataset):
             if rng is not None:  # the draws of the crop (a no-op box), so that the class crops after it do not change
                 crop_box(self.resolution, self.resolution, self.resolution, rng)
             example.instance_index = image_index
-            example.instance_mask = self._centre_crop(image_index)[1] if self.instance_masks is not None else None
+            example.instance_mask = self._centre_mask(image_index)
             box = self._centre_box(photo)
         elif self.latent_crops:
             example.instance_index = image_index
@@ -142,7 +143,9 @@ class DreamBoothDataset(Dataset):
                 example.class_index = class_index
                 box = self._centre_box(class_image)
                 if self.class_masks is not None:
-                    example.class_mask = load_mask_crop(self.class_masks[class_image], class_image, self.resolution, box)
+                    example.class_mask = load_mask_crop(
+                        self.class_masks[class_image], class_image, self.resolution, box, self._size(class_image)
+                    )
             else:
                 example.class_pixel_values, example.class_mask, box = self._crop(class_image, self.class_masks, rng)
             example.class_input_ids, example.class_input_ids_2 = self.class_input_ids, self.class_input_ids_2
@@ -172,7 +175,7 @@ class DreamBoothDataset(Dataset):
         box = latent_crop_box(*resized_size(*self._size(path), self.resolution), self.resolution, rng)
         mask = None
         if self.instance_masks is not None:
-            mask = load_mask_crop(self.instance_masks[path], path, self.resolution, box)
+            mask = load_mask_crop(self.instance_masks[path], path, self.resolution, box, self._size(path))
         return (box[1] // LATENT_CELL, box[0] // LATENT_CELL), mask, box
 
     def _crop(
@@ -190,6 +193,18 @@ class DreamBoothDataset(Dataset):
             self._centre_crops[image_index] = self._crop(self.instance_images[image_index], self.instance_masks, None)[:2]
         return self._centre_crops[image_index]
 
+    def _centre_mask(self, image_index: int) -> torch.Tensor | None:
+        """The centre crop's mask alone (None without masks), for chunks whose latents come from the cache: the
+        photo is not decoded. The same mask as ``_centre_crop``'s (same resize, same box)."""
+        if self.instance_masks is None:
+            return None
+        if image_index not in self._centre_masks:
+            path = self.instance_images[image_index]
+            self._centre_masks[image_index] = load_mask_crop(
+                self.instance_masks[path], path, self.resolution, self._centre_box(path), self._size(path)
+            )
+        return self._centre_masks[image_index]
+
     def _pdm_example(self, image_index: int, crop_seed: int) -> PDMExample:
         # The PDM chunk is the centre crop of the same image (what its teacher entries were computed
         # from), at a timestep of the teacher's trajectory, drawn from its own stream so the crops
@@ -198,7 +213,7 @@ class DreamBoothDataset(Dataset):
         timestep = int(timesteps[random.Random(derive_seed(crop_seed, 1)).randrange(len(timesteps))])
         if self.cached_pdm_chunk:
             pixels = None
-            mask = self._centre_crop(image_index)[1] if self.instance_masks is not None else None
+            mask = self._centre_mask(image_index)
         else:
             pixels, mask = self._centre_crop(image_index)
         photo = self.instance_images[image_index]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pdm_lightning.core.loading import ModelFamily, ModelSource
-
-TEXT_ENCODERS: dict[ModelFamily, tuple[str, ...]] = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+from pdm_lightning.core.loading import TEXT_ENCODER_NAMES, ModelFamily, ModelSource
 
 
 def module_family(module) -> ModelFamily:  # noqa: ANN001 - DreamBoothModule (or anything with its parts)
@@ -16,7 +14,7 @@ def module_family(module) -> ModelFamily:  # noqa: ANN001 - DreamBoothModule (or
 
 def text_encoders(module) -> dict[str, torch.nn.Module]:  # noqa: ANN001
     """Component name -> text encoder of the module, in the pipeline's order."""
-    return {name: getattr(module, name) for name in TEXT_ENCODERS[module_family(module)]}
+    return {name: getattr(module, name) for name in TEXT_ENCODER_NAMES[module_family(module)]}
 
 
 def base_source(module) -> ModelSource:  # noqa: ANN001

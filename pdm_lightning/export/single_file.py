@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
+from pdm_lightning.pdm.capture import block_has_attention
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
@@ -86,7 +88,7 @@ def unet_module_map(config: Mapping) -> dict[str, tuple[str, dict[str, str]]]:
         for layer in range(layers):
             index = 1 + level * (layers + 1) + layer
             mapping[f"down_blocks.{level}.resnets.{layer}"] = (f"input_blocks.{index}.0", _UNET_RESNET_PARTS)
-            if _has_attention(block_type):
+            if block_has_attention(block_type):
                 mapping[f"down_blocks.{level}.attentions.{layer}"] = (f"input_blocks.{index}.1", {})
         if level < len(down_types) - 1:
             index = 1 + level * (layers + 1) + layers
@@ -95,11 +97,11 @@ def unet_module_map(config: Mapping) -> dict[str, tuple[str, dict[str, str]]]:
         for layer in range(layers + 1):
             index = level * (layers + 1) + layer
             mapping[f"up_blocks.{level}.resnets.{layer}"] = (f"output_blocks.{index}.0", _UNET_RESNET_PARTS)
-            if _has_attention(block_type):
+            if block_has_attention(block_type):
                 mapping[f"up_blocks.{level}.attentions.{layer}"] = (f"output_blocks.{index}.1", {})
         if level < len(up_types) - 1:
             index = level * (layers + 1) + layers
-            slot = 2 if _has_attention(block_type) else 1
+            slot = 2 if block_has_attention(block_type) else 1
             mapping[f"up_blocks.{level}.upsamplers.0.conv"] = (f"output_blocks.{index}.{slot}.conv", {})
     return mapping
 
@@ -292,8 +294,3 @@ def _unet_and_vae(
             tensor = tensor[:, :, None, None]
         checkpoint[VAE_PREFIX + ldm_key] = tensor
     return checkpoint
-
-
-def _has_attention(block_type: str) -> bool:
-    return "CrossAttn" in block_type or block_type.startswith("Attn")
-

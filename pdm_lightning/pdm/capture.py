@@ -14,8 +14,9 @@ DEFAULT_PDM_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q"
 QUERY_IN_BLOCK = "transformer_blocks.0.attn1.to_q"
 
 
-def _has_attention(block_type: str) -> bool:
-    return "CrossAttn" in block_type or block_type.startswith(("Attn", "SimpleCrossAttn"))
+def block_has_attention(block_type: str) -> bool:
+    """Whether a UNet block of this diffusers type (``CrossAttnUpBlock2D``, ``AttnDownBlock2D``, ...) has attention."""
+    return "CrossAttn" in block_type or block_type.startswith("Attn")
 
 
 def default_pdm_layer_for_config(config: Mapping[str, Any]) -> str:
@@ -26,7 +27,7 @@ def default_pdm_layer_for_config(config: Mapping[str, Any]) -> str:
     a per-level ``layers_per_block`` for the up path).
     """
     up_types = list(config["up_block_types"])
-    with_attention = [index for index, block_type in enumerate(up_types) if _has_attention(block_type)]
+    with_attention = [index for index, block_type in enumerate(up_types) if block_has_attention(block_type)]
     if not with_attention:
         raise ValueError("The UNet has no up block with attention: there is no query projection for PDM to capture.")
     level = with_attention[-1]
